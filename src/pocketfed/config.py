@@ -1,0 +1,249 @@
+"""One typed config tree: every default lives here, once.
+
+A run's config is `RunConfig`; a YAML file and `--set a.b=c` overrides change it. Unknown keys and
+wrongly typed values are refused with a sentence naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pocketfed.errors import UserError
+
+
+class Strategy(str, enum.Enum):
+    fedavg = "fedavg"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+
+
+class Backend(str, enum.Enum):
+    inprocess = "inprocess"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # a zoo name (smollm2-135m, tiny) or a local Hugging Face model folder
+    cache_dir: str = ""  # where dequantized weights are cached; "" = $POCKETFED_CACHE or XDG cache
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare"  # shakespeare | textdir
+    path: str = ""  # for textdir: a folder whose sub-folders are devices
+    seq_len: int = 128
+    test_fraction: float = 0.2  # the last lines of each device are kept for test
+    min_train_tokens: int = 512  # devices with fewer training tokens are left out
+    max_eval_tokens: int = 4096  # per device, to bound evaluation time
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 4  # local optimizer steps per round (0 = use epochs)
+    epochs: float = 0.0  # local epochs over the device's train split, used when steps == 0
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    prox_mu: float = 0.0  # FedProx proximal term weight (0 = plain local SGD)
+
+
+@dataclass
+class ServerConfig:
+    strategy: Strategy = Strategy.fedavg
+    lr: float = 1.0  # server learning rate (1.0 with fedavg = plain FedAvg)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity (FedOpt's epsilon)
+
+
+@dataclass
+class SimConfig:
+    devices: int = 8  # training population; 0 = every device of the dataset
+    per_round: int = 0  # devices sampled per round; 0 = all of the population
+    rounds: int = 3
+    heldout: int = 4  # devices kept out of training, for evaluation only
+    seed: int = 0
+    backend: Backend = Backend.inprocess
+    threads: int = 0  # torch threads; 0 = leave torch's default
+
+
+@dataclass
+class EvalConfig:
+    every_round: bool = True  # held-out perplexity after every round (the report's curve)
+    personalize_steps: int = 4  # local steps on the device's train split for `personalized`
+    centralized_steps: int = 0  # 0 = as many steps as the federated run took in total
+    variants: list[str] = field(
+        default_factory=lambda: ["base", "federated", "personalized", "local_only", "centralized"]
+    )
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+VARIANTS = ("base", "federated", "personalized", "local_only", "centralized")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from YAML or a --set string) to the annotated type `tp`, or refuse."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in tp)
+            raise UserError(f"config key '{key}' must be one of {valid}, got {value!r}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            out = tp(value) if tp is float else int(str(value), 10) if isinstance(value, str) else value
+        except ValueError:
+            raise UserError(f"config key '{key}' must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+        if tp is int and (not isinstance(out, int) or isinstance(out, float)):
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> None:
+    hints = _field_types(type(obj))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(f"{prefix}{k}" for k in hints)
+            raise UserError(f"unknown config key '{full}'; valid keys here are: {valid}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{full}' is a section; give it keys, not {value!r}")
+            _apply(getattr(obj, key), value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "sim.rounds=2"]` -> nested dict; values stay strings until coerced."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set takes key=value (e.g. train.lr=3e-4), got {pair!r}")
+        key, value = pair.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set key {key!r} conflicts with another --set")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then `overrides` (a nested dict)."""
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        _apply(cfg, data, "")
+    if overrides:
+        _apply(cfg, overrides, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that a type alone cannot express."""
+    checks = [
+        (cfg.lora.rank >= 1, "lora.rank must be at least 1"),
+        (cfg.data.seq_len >= 8, "data.seq_len must be at least 8"),
+        (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be between 0 and 1"),
+        (cfg.train.steps > 0 or cfg.train.epochs > 0, "set train.steps or train.epochs above 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.prox_mu >= 0, "train.prox_mu must be 0 or positive"),
+        (cfg.sim.rounds >= 1, "sim.rounds must be at least 1"),
+        (cfg.sim.devices >= 0, "sim.devices must be 0 (all) or positive"),
+        (cfg.sim.per_round >= 0, "sim.per_round must be 0 (all) or positive"),
+        (cfg.sim.heldout >= 0, "sim.heldout must be 0 or positive"),
+        (all(v in VARIANTS for v in cfg.eval.variants), f"eval.variants must be among {', '.join(VARIANTS)}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A plain, YAML-safe dict (enums as their values)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, data, "")
+    return cfg
+
+

@@ -1,0 +1,1 @@
+"""Model zoo and LoRA adapter state (through PEFT)."""
