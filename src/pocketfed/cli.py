@@ -1,0 +1,171 @@
+"""The `pocketfed` command (typer + rich). User mistakes print one sentence, never a traceback."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pocketfed.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pocket-sized language models.")
+data_app = typer.Typer(no_args_is_help=True, help="Federated datasets.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def _overrides(
+    set_: list[str], model: str | None, devices: str | None, per_round: int | None, rounds: int | None, seed: int | None
+) -> dict[str, Any]:
+    from pocketfed.config import parse_overrides
+
+    ov = parse_overrides(set_)
+    flags: dict[tuple[str, str], Any] = {("model", "name"): model, ("sim", "per_round"): per_round,
+                                         ("sim", "rounds"): rounds, ("sim", "seed"): seed}
+    if devices is not None:
+        if devices == "all":
+            flags[("sim", "devices")] = 0
+        elif devices.isdigit() and int(devices) > 0:
+            flags[("sim", "devices")] = int(devices)
+        else:
+            raise UserError(f"--devices must be a positive number or 'all', got {devices!r}")
+    for (section, key), value in flags.items():
+        if value is not None:
+            ov.setdefault(section, {})[key] = value
+    return ov
+
+
+@app.command()
+def simulate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write."),
+    model: Optional[str] = typer.Option(None, help="Zoo name (smollm2-135m, tiny) or a local HF model folder."),
+    devices: Optional[str] = typer.Option(None, help="Training population size, or 'all'."),
+    per_round: Optional[int] = typer.Option(None, "--per-round", help="Devices sampled per round."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
+    seed: Optional[int] = typer.Option(None, help="Run seed."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=3e-4"),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+) -> None:
+    """Federated LoRA fine-tuning of virtual devices, end to end, with evaluation and a report."""
+    from pocketfed.config import load_config
+    from pocketfed.simulate import simulate as run_simulation
+
+    cfg = load_config(config, _overrides(set_, model, devices, per_round, rounds, seed))
+    console.print(f"[bold]pocketfed simulate[/] model={cfg.model.name} dataset={cfg.data.dataset} "
+                  f"strategy={cfg.server.strategy.value} rounds={cfg.sim.rounds} -> {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        stage = progress.add_task("set-up", total=None)
+        bar: dict[str, Any] = {"task": None}
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "stage":
+                progress.update(stage, description=info["name"])
+                if info.get("total"):
+                    bar["task"] = progress.add_task(f"  {info['name']}", total=info["total"])
+            elif kind == "round_start":
+                progress.update(stage, description=f"round {info['round'] + 1}/{cfg.sim.rounds}")
+                bar["task"] = progress.add_task(f"  round {info['round'] + 1} devices", total=info["devices"])
+            elif kind == "device_done" and bar["task"] is not None:
+                progress.advance(bar["task"])
+            elif kind == "round_end":
+                held = info.get("heldout")
+                msg = f"round {info['round'] + 1}: loss {info['train_loss']:.3f}"
+                if held:
+                    msg += f", held-out perplexity {held['perplexity']:.2f}"
+                progress.console.print(msg)
+
+        result = run_simulation(cfg, out, resume=resume, on_event=on_event)
+        progress.update(stage, description="done", total=1, completed=1)
+    _print_summary(result.summary, out)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    from pocketfed.config import VARIANTS
+
+    table = Table(title=f"Results ({summary['model']}, {summary['devices']['trained']} trained devices, "
+                        f"{summary['devices']['heldout']} held-out)")
+    for col in ("variant", "own test ppl", "top-1", "top-3", "held-out ppl", "held-out top-3"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for v in VARIANTS:
+        if v not in summary:
+            continue
+        s, h = summary[v], summary[v].get("heldout")
+        table.add_row(v, f"{s['perplexity']:.2f}", f"{s['top1']:.3f}", f"{s['top3']:.3f}",
+                      f"{h['perplexity']:.2f}" if h else "-", f"{h['top3']:.3f}" if h else "-")
+    console.print(table)
+    console.print(f"upload per device per round: {summary['bytes_up_per_device_round'] / 1e6:.2f} MB "
+                  f"(full model {summary['model_bytes'] / 1e6:.0f} MB); wall {summary['wall_seconds']:.0f} s; "
+                  f"outputs in {out}/")
+
+
+@data_app.command("stats")
+def data_stats(
+    dataset: str = typer.Argument(..., help="shakespeare, or a folder for textdir"),
+    model: str = typer.Option("smollm2-135m", help="Tokenizer of this model counts the tokens."),
+    min_train_tokens: int = typer.Option(0, help="Minimum-size filter (0 = show every device)."),
+) -> None:
+    """Devices and tokens per device (min / median / max) of a federated dataset."""
+    from transformers import AutoTokenizer
+
+    from pocketfed.config import DataConfig
+    from pocketfed.data.federated import load_dataset
+    from pocketfed.model.zoo import resolve, tokenizer_dir
+
+    cfg = DataConfig(min_train_tokens=min_train_tokens)
+    if dataset != "shakespeare":
+        cfg.dataset, cfg.path = "textdir", dataset
+        if not Path(dataset).is_dir():
+            raise UserError(f"unknown dataset {dataset!r}: give 'shakespeare' or an existing folder (textdir)")
+    tok_path = tokenizer_dir() if model in ("smollm2-135m", "tiny") else resolve(model)[0]
+    ds = load_dataset(cfg, AutoTokenizer.from_pretrained(tok_path))
+    counts = ds.train_token_counts(ds.device_ids)
+    table = Table(title=f"{ds.name}: {len(ds.device_ids)} devices")
+    for col in ("", "min", "median", "max", "total"):
+        table.add_column(col, justify="right")
+    table.add_row("train tokens / device", str(min(counts)), f"{statistics.median(counts):.0f}", str(max(counts)), str(sum(counts)))
+    console.print(table)
+    top = sorted(zip(counts, ds.device_ids), reverse=True)[:5]
+    console.print("largest devices: " + ", ".join(f"{d} ({n})" for n, d in top))
+
+
+def _register_extensions() -> None:
+    """Commands of other areas (privacy, release) register themselves when present."""
+    import importlib
+
+    for mod in ("pocketfed.privacy.cli", "pocketfed.release.cli"):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        module.register(app)
+
+
+def main() -> None:
+    _register_extensions()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        Console(stderr=True).print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+

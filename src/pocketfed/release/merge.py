@@ -1,0 +1,123 @@
+"""Load a run's base model and adapters, check they belong together, merge them into plain weights.
+
+Merging is PEFT's `merge_and_unload`: for every LoRA-wrapped linear layer
+
+    W' = W + (alpha / r) * B @ A            W: [out, in], B: [out, r], A: [r, in]
+
+A personal adapter is merged *after* the global one, on top of the already merged weights, so the
+result is W + dW_global + dW_personal (LoRA, Hu et al. 2021, arXiv:2106.09685).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from pocketfed.config import RunConfig, load_config
+from pocketfed.errors import UserError
+from pocketfed.model.zoo import BaseModel, load_base
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    role: str  # "global" | "personal"
+    path: Path
+    sha256: str  # of adapter_model.safetensors
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    run_dir: Path
+    config: RunConfig
+    adapters: tuple[AdapterRef, ...]
+    privacy: dict[str, float] | None  # {"epsilon": .., "delta": ..} from summary.json, if the run had DP
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _adapter_ref(role: str, folder: Path) -> AdapterRef:
+    cfg = folder / "adapter_config.json"
+    weights = folder / "adapter_model.safetensors"
+    if not folder.is_dir() or not cfg.is_file() or not weights.is_file():
+        raise UserError(
+            f"{role} adapter folder {str(folder)!r} must hold adapter_config.json and adapter_model.safetensors"
+        )
+    return AdapterRef(role=role, path=folder, sha256=_sha256(weights))
+
+
+def _adapter_base_id(ref: AdapterRef) -> str:
+    try:
+        data = json.loads((ref.path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{str(ref.path / 'adapter_config.json')!r} is not valid JSON: {e}") from None
+    return str(data.get("base_model_name_or_path") or "")
+
+
+def _read_privacy(run_dir: Path) -> dict[str, float] | None:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{str(summary)!r} is not valid JSON: {e}") from None
+    privacy = data.get("privacy") if isinstance(data, dict) else None
+    if not isinstance(privacy, dict) or privacy.get("epsilon") is None:
+        return None
+    return {"epsilon": float(privacy["epsilon"]), "delta": float(privacy.get("delta") or 0.0)}
+
+
+def read_run(run_dir: str | Path, personal: str | Path | None = None) -> RunInputs:
+    """Check a run folder (and optional personal adapter) without loading any weights."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise UserError(f"run folder {str(run)!r} does not exist; give the --out folder of `pocketfed simulate`")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"run folder {str(run)!r} has no config.yaml; is it the --out folder of `pocketfed simulate`?")
+    config = load_config(run / "config.yaml")
+    adapters = [_adapter_ref("global", run / "adapter")]
+    if personal is not None:
+        adapters.append(_adapter_ref("personal", Path(personal).expanduser()))
+    return RunInputs(run_dir=run, config=config, adapters=tuple(adapters), privacy=_read_privacy(run))
+
+
+def load_base_for(run: RunInputs) -> BaseModel:
+    """Load the run's base model and refuse adapters that were trained on another one."""
+    base = load_base(run.config.model.name, run.config.model.cache_dir)
+    for ref in run.adapters:
+        trained_on = _adapter_base_id(ref)
+        if trained_on and trained_on != base.model_id:
+            raise UserError(
+                f"the {ref.role} adapter in {str(ref.path)!r} was trained on base model {trained_on!r}, "
+                f"but the run's base model is {base.model_id!r}"
+            )
+    return base
+
+
+def merge(model: PreTrainedModel, adapters: tuple[AdapterRef, ...]) -> PreTrainedModel:
+    """Fold each adapter into the weights, in order (global first, then personal)."""
+    for ref in adapters:
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(ref.path), adapter_name=ref.role)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load the {ref.role} adapter in {str(ref.path)!r}: {first}") from None
+        model = peft_model.merge_and_unload()
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not torch.isfinite(p).all():
+                raise UserError("the merged model has non-finite weights; the adapter file is corrupt")
+    return model

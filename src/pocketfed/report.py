@@ -1,0 +1,42 @@
+"""report.png: held-out perplexity per round, and the five variants side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pocketfed.config import VARIANTS  # noqa: E402
+
+
+def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rounds = [r["round"] + 1 for r in history if r.get("heldout")]
+    ppl = [r["heldout"]["perplexity"] for r in history if r.get("heldout")]
+    if rounds:
+        ax1.plot(rounds, ppl, marker="o", label="federated (global adapter)")
+    if summary.get("base", {}).get("heldout"):
+        ax1.axhline(summary["base"]["heldout"]["perplexity"], color="grey", ls="--", label="base")
+    if summary.get("centralized", {}).get("heldout"):
+        ax1.axhline(summary["centralized"]["heldout"]["perplexity"], color="green", ls=":", label="centralized")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("held-out perplexity")
+    ax1.set_title("Held-out devices (never trained on)")
+    ax1.legend()
+
+    names = [v for v in VARIANTS if v in summary]
+    vals = [summary[v]["perplexity"] for v in names]
+    bars = ax2.bar(names, vals, color=["grey", "tab:blue", "tab:orange", "tab:red", "tab:green"][: len(names)])
+    ax2.bar_label(bars, fmt="%.1f")
+    ax2.set_ylabel("perplexity on own test splits")
+    ax2.set_title("Trained devices, their own later lines")
+    fig.suptitle(f"pocketfed: {summary.get('model', '')} on {summary.get('dataset', '')}")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,163 @@
+"""Load an exported model folder and run it with ONNX Runtime GenAI.
+
+This package is what a phone ships: it imports nothing from pocketfed's training code, only the
+standard library, numpy, onnxruntime-genai and `pocketfed.errors`.
+
+Runtime settings, chosen by measurement on this project's 2-core x86 box (SmolLM2-135M merged with a
+LoRA adapter, int4 block 32 accuracy level 4; bench/bench_runtime.py; ratios against a baseline in
+the same run, because the machine is shared):
+
+- intra_op_num_threads = 2 (one per core).  See RUNTIME_SETTINGS_NOTES below for the numbers.
+- graph_optimization_level = ORT_ENABLE_ALL.
+- past_present_share_buffer = true: the KV cache is one buffer of max_length positions updated in
+  place, so decode does not copy the cache each step. Its size is fixed when a Generator is made,
+  so we size it per request (prompt + max_tokens) instead of the model's 8k context, which would
+  cost 30 layers x 2 x 3 heads x 8192 x 64 x 4 B = 377 MB of RSS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pocketfed.errors import UserError
+
+INTRA_OP_THREADS = 2
+GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+SHARE_KV_BUFFER = True
+RUNTIME_SETTINGS_NOTES = "filled in from bench/bench_runtime.py measurements"
+
+ONNX_FORMATS = ("onnx-fp32", "onnx-int8", "onnx-int4")
+
+
+@dataclass
+class LoadedModel:
+    """An exported model ready to run: the GenAI model, its tokenizer, and the manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    og_model: Any  # onnxruntime_genai.Model
+    tokenizer: Any  # onnxruntime_genai.Tokenizer
+    context_length: int
+    eos_ids: tuple[int, ...]
+    _token_text: list[str] | None = None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(np.asarray(ids, dtype=np.int32)))
+
+    def token_text(self) -> list[str]:
+        """Text of every vocabulary id, decoded once (about 0.15 s for 49k tokens)."""
+        if self._token_text is None:
+            self._token_text = [str(self.tokenizer.decode([i])) for i in range(self.vocab_size)]
+        return self._token_text
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.genai_config["model"]["vocab_size"])
+
+    @property
+    def genai_config(self) -> dict[str, Any]:
+        return json.loads((self.folder / "genai_config.json").read_text())
+
+
+def read_manifest(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    folder = Path(model_dir).expanduser()
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise UserError(f"model folder {str(folder)!r} does not exist; give the --out folder of `pocketfed export`")
+    if not path.is_file():
+        raise UserError(f"model folder {str(folder)!r} has no manifest.json; is it an export of `pocketfed export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{str(path)!r} is not valid JSON; export the model again") from None
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise UserError(f"{str(path)!r} lacks the 'format' field; export the model again")
+    return folder, manifest
+
+
+def load(model_dir: str | Path, threads: int = INTRA_OP_THREADS) -> LoadedModel:
+    """Open an onnx-* export (reads manifest.json, checks the files it lists, loads the session)."""
+    import onnxruntime_genai as og  # noqa: PLC0415  (heavy; only when a model is opened)
+
+    folder, manifest = read_manifest(model_dir)
+    fmt = manifest["format"]
+    if fmt not in ONNX_FORMATS:
+        raise UserError(
+            f"{str(folder)!r} holds a {fmt!r} export, which runs in llama.cpp; "
+            f"this runtime runs {', '.join(ONNX_FORMATS)} exports"
+        )
+    for name, size in dict(manifest.get("files", {})).items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != int(size):
+            raise UserError(f"model file {str(p)!r} is missing or has the wrong size; export the model again")
+    try:
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads),
+            "inter_op_num_threads": 1,
+            "graph_optimization_level": GRAPH_OPTIMIZATION,
+        }}}}))
+        og_model = og.Model(config)
+        tokenizer = og.Tokenizer(og_model)
+    except Exception as e:  # onnxruntime-genai raises plain RuntimeError/Exception for corrupt files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"the model in {str(folder)!r} could not be loaded (corrupt file?): {first}") from None
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    eos = genai.get("eos_token_id", [])
+    eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return LoadedModel(
+        folder=folder,
+        manifest=manifest,
+        og_model=og_model,
+        tokenizer=tokenizer,
+        context_length=int(genai.get("context_length", 2048)),
+        eos_ids=eos_ids,
+    )
+
+
+class Session:
+    """One KV cache over a growing token sequence, reused across calls that share a prefix.
+
+    `feed(ids)` makes the cache hold exactly `ids` and returns the logits after the last one:
+    it rewinds to the longest common prefix with what the cache holds and runs only the rest,
+    so a keyboard that re-asks after each keystroke pays for the new tokens only.
+    """
+
+    def __init__(self, model: LoadedModel, max_length: int) -> None:
+        import onnxruntime_genai as og  # noqa: PLC0415
+
+        self.model = model
+        self.max_length = min(int(max_length), model.context_length)
+        params = og.GeneratorParams(model.og_model)
+        params.set_search_options(max_length=self.max_length, do_sample=False,
+                                  past_present_share_buffer=SHARE_KV_BUFFER)
+        self.generator = og.Generator(model.og_model, params)
+        self.tokens: list[int] = []
+        self.steps = 0  # tokens run through the model (for tests and benchmarks)
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        """Cache := ids; returns next-token logits [vocab] (float32)."""
+        if not ids:
+            raise ValueError("feed needs at least one token")
+        if len(ids) >= self.max_length:
+            raise ValueError(f"{len(ids)} tokens do not fit a {self.max_length}-token cache")
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always run at least one token to get logits
+        if common < len(self.tokens):
+            self.generator.rewind_to(common)
+        self.generator.append_tokens(np.asarray(ids[common:], dtype=np.int32))
+        self.steps += len(ids) - common
+        self.tokens = list(ids)
+        return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)

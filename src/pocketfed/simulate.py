@@ -1,0 +1,260 @@
+"""`pocketfed simulate`: federated LoRA fine-tuning of N virtual devices, end to end.
+
+One readable flow: set-up -> rounds (sample -> tasks -> backend -> aggregate -> evaluate ->
+checkpoint) -> final evaluation of the five variants -> outputs (adapter/, metrics.jsonl,
+summary.json, report.png).
+
+Variants (all scored on the training devices' own test splits; those with one global model also
+on held-out devices that were never sampled for training):
+    base          no fine-tuning
+    federated     the final global adapter
+    personalized  the global adapter + eval.personalize_steps local steps on the device's train split
+    local_only    the same local steps from the base model alone (what a device gets without us)
+    centralized   all training devices' train splits pooled, trained as one (the upper bound)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from pocketfed.config import RunConfig, to_dict
+from pocketfed.data.federated import Blocks, FederatedDataset, load_dataset
+from pocketfed.device.trainer import train_steps
+from pocketfed.errors import UserError
+from pocketfed.evaluation import Metrics, evaluate
+from pocketfed.model import lora
+from pocketfed.model.zoo import load_base
+from pocketfed.server import checkpoint, strategies
+from pocketfed.server.strategies import ServerState, WeightedUpdate
+from pocketfed.transport.inprocess import InProcessBackend
+from pocketfed.transport.messages import TrainResult, TrainTask
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def device_seed(seed: int, round_: int, device_id: str) -> int:
+    """A device's seed for a round, derived from the run seed: independent of sampling order."""
+    digest = hashlib.sha256(f"{seed}/{round_}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def split_population(device_ids: list[str], n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training population, held-out devices), disjoint, drawn under `seed`."""
+    need = n_heldout + (n_train or 1)
+    if len(device_ids) < need:
+        raise UserError(
+            f"the dataset has {len(device_ids)} usable devices but sim.devices={n_train} and "
+            f"sim.heldout={n_heldout} need {need}"
+        )
+    order = np.random.default_rng(seed).permutation(len(device_ids))
+    ids = [device_ids[i] for i in order]
+    heldout = sorted(ids[:n_heldout])
+    pool = ids[n_heldout:] if n_train == 0 else ids[n_heldout : n_heldout + n_train]
+    return sorted(pool), heldout
+
+
+def sample_round(pool: list[str], per_round: int, seed: int, round_: int) -> list[str]:
+    """The devices of round `round_`: a uniform sample without replacement, from a generator
+    seeded by (seed, round) so a resumed run samples exactly as an uninterrupted one."""
+    k = len(pool) if per_round == 0 else min(per_round, len(pool))
+    rng = np.random.default_rng([seed, round_, 0x5A])
+    return sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
+
+
+def pooled(blocks: list[Blocks]) -> Blocks:
+    return Blocks(torch.cat([b.input_ids for b in blocks]), torch.cat([b.mask for b in blocks]))
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_adapter(model, state: lora.AdapterState, folder: Path, model_id: str) -> None:
+    """Write `state` as a PEFT adapter folder (atomically), loadable by PeftModel.from_pretrained."""
+    lora.set_state(model, state)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    model.peft_config["default"].base_model_name_or_path = model_id
+    model.save_pretrained(tmp, save_embedding_layers=False)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def simulate(
+    cfg: RunConfig,
+    out: Path,
+    resume: bool = False,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> RunResult:
+    emit = on_event or (lambda kind, info: None)
+    t_start = time.perf_counter()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    if cfg.sim.threads:
+        torch.set_num_threads(cfg.sim.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
+    if not resume and ckpt_path.exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    emit("stage", {"name": "loading model"})
+    base = load_base(cfg.model.name, cfg.model.cache_dir)
+    model = lora.attach(base.model, cfg.lora, seed=cfg.sim.seed)
+    init_params = lora.get_state(model)  # the round-0 global adapter (B = 0: equals the base model)
+    dataset = load_dataset(cfg.data, base.tokenizer)
+    pool, heldout = split_population(dataset.device_ids, cfg.sim.devices, cfg.sim.heldout, cfg.sim.seed)
+    heldout_blocks = [dataset.device(d).test for d in heldout]
+    ev = lambda blocks: evaluate(model, blocks, max_tokens=cfg.data.max_eval_tokens)  # noqa: E731
+
+    history: list[dict[str, Any]] = []
+    if resume:
+        state, extra = checkpoint.load(ckpt_path)
+        history = extra["history"]
+        if extra.get("config") != to_dict(cfg):
+            raise UserError(f"--resume: the config differs from the one {out} was started with")
+    else:
+        state = strategies.init(init_params, cfg.server)
+        (out / "metrics.jsonl").write_text("")
+    backend = InProcessBackend(model, dataset, on_done=lambda d: emit("device_done", {"device": d}))
+    emit("setup", {"pool": len(pool), "heldout": len(heldout), "rounds": cfg.sim.rounds, "start_round": state.round})
+
+    # ---- rounds ---------------------------------------------------------------------------------
+    train_seconds = 0.0
+    bytes_up = lora.num_bytes(init_params)
+    for r in range(state.round, cfg.sim.rounds):
+        t_round = time.perf_counter()
+        sampled = sample_round(pool, cfg.sim.per_round, cfg.sim.seed, r)
+        emit("round_start", {"round": r, "devices": len(sampled)})
+        tasks = [TrainTask(r, d, state.params, cfg.train, device_seed(cfg.sim.seed, r, d)) for d in sampled]
+        t_train = time.perf_counter()
+        results = backend.run(tasks)
+        train_seconds += time.perf_counter() - t_train
+        done = [x for x in results if isinstance(x, TrainResult)]
+        if not done:
+            raise RuntimeError(f"round {r}: every sampled device dropped out")
+        state, diag = strategies.apply(state, [WeightedUpdate(x.update, x.num_tokens) for x in done], cfg.server)
+        row: dict[str, Any] = {
+            "round": r,
+            "devices": [x.device_id for x in done],
+            "dropouts": len(results) - len(done),
+            "tokens": sum(x.num_tokens for x in done),
+            "local_steps": int(sum(x.metrics["steps"] for x in done)),
+            "train_loss": float(np.average([x.metrics["train_loss"] for x in done], weights=[x.num_tokens for x in done])),
+            "bytes_up_per_device": bytes_up,
+            **diag,
+        }
+        if cfg.eval.every_round and heldout_blocks:
+            lora.set_state(model, state.params)
+            row["heldout"] = ev(heldout_blocks).as_dict()
+        row["seconds"] = time.perf_counter() - t_round
+        history.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        checkpoint.save(ckpt_path, state, {"history": history, "config": to_dict(cfg)})
+        emit("round_end", row)
+    backend.close()
+
+    # ---- final evaluation -----------------------------------------------------------------------
+    trained = sorted({d for row in history for d in row["devices"]})
+    own_test = {d: dataset.device(d).test for d in trained}
+    summary: dict[str, Any] = {}
+    variants = cfg.eval.variants
+    steps_per_device = cfg.eval.personalize_steps
+
+    def record(name: str, own: Metrics, held: Metrics | None) -> None:
+        summary[name] = {**own.as_dict(), "heldout": held.as_dict() if held else None}
+        emit("variant", {"name": name, **summary[name]})
+
+    def local_from(start: lora.AdapterState, seed_tag: str) -> Metrics:
+        """Each trained device: `steps_per_device` local steps from `start`, scored on its own test split."""
+        per_device: list[Metrics] = []
+        for d in trained:
+            lora.set_state(model, start)
+            if steps_per_device:
+                train_steps(model, start, dataset.device(d).train, cfg.train,
+                            device_seed(cfg.sim.seed, -1, f"{seed_tag}/{d}"), steps=steps_per_device)
+            per_device.append(ev([own_test[d]]))
+            emit("device_done", {"device": d})
+        return _pool_metrics(per_device)
+
+    if "base" in variants:
+        emit("stage", {"name": "evaluating base"})
+        with model.disable_adapter():
+            record("base", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
+    if "federated" in variants:
+        emit("stage", {"name": "evaluating federated"})
+        lora.set_state(model, state.params)
+        record("federated", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
+    if "personalized" in variants:
+        emit("stage", {"name": "personalizing", "total": len(trained)})
+        record("personalized", local_from(state.params, "personalized"), None)
+    if "local_only" in variants:
+        emit("stage", {"name": "local only", "total": len(trained)})
+        record("local_only", local_from(init_params, "local_only"), None)
+    if "centralized" in variants:
+        steps = cfg.eval.centralized_steps or sum(row["local_steps"] for row in history)
+        emit("stage", {"name": f"centralized ({steps} steps)"})
+        lora.set_state(model, init_params)
+        train_steps(model, init_params, pooled([dataset.device(d).train for d in trained]), cfg.train,
+                    device_seed(cfg.sim.seed, -1, "centralized"), steps=steps)
+        record("centralized", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
+
+    # ---- outputs --------------------------------------------------------------------------------
+    save_adapter(model, state.params, out / "adapter", base.model_id)
+    summary.update(
+        {
+            "model": base.model_id,
+            "dataset": dataset.name,
+            "devices": {"population": len(pool), "heldout": len(heldout), "trained": len(trained)},
+            "rounds": cfg.sim.rounds,
+            "bytes_up_per_device_round": bytes_up,
+            "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),
+            "wall_seconds": time.perf_counter() - t_start,
+            "train_seconds": train_seconds,
+        }
+    )
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    from pocketfed.report import plot_report  # matplotlib is imported only when a report is drawn
+
+    plot_report(history, summary, out / "report.png")
+    return RunResult(summary, history)
+
+
+def _pool_metrics(per_device: list[Metrics]) -> Metrics:
+    """Token-weighted pooling of per-device metrics (perplexity pooled in log space)."""
+    n = sum(m.tokens for m in per_device)
+    if n == 0:
+        return Metrics(float("nan"), float("nan"), float("nan"), 0)
+    nll = sum(math.log(m.perplexity) * m.tokens for m in per_device)
+    return Metrics(
+        math.exp(nll / n),
+        sum(m.top1 * m.tokens for m in per_device) / n,
+        sum(m.top3 * m.tokens for m in per_device) / n,
+        n,
+    )
+

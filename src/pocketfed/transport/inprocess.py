@@ -1,0 +1,41 @@
+"""The in-process backend: every virtual device runs in this process, one after another, on
+one shared base model (one copy in memory whatever the number of devices).
+
+The seam every backend implements (the server loop talks to nothing else):
+    run(tasks) -> results      (a TrainResult or a Dropout per task, in task order)
+    close()
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from peft import PeftModel
+
+from pocketfed.data.federated import FederatedDataset
+from pocketfed.device.trainer import run_task
+from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+
+
+class Backend(Protocol):
+    def run(self, tasks: list[TrainTask]) -> list[TrainResult | Dropout]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessBackend:
+    def __init__(self, model: PeftModel, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
+        self.model = model
+        self.dataset = dataset
+        self.on_done = on_done
+
+    def run(self, tasks: list[TrainTask]) -> list[TrainResult | Dropout]:
+        results: list[TrainResult | Dropout] = []
+        for task in tasks:
+            results.append(run_task(self.model, self.dataset.device(task.device_id).train, task))
+            if self.on_done:
+                self.on_done(task.device_id)
+        return results
+
+    def close(self) -> None:
+        pass
