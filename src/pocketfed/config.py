@@ -28,6 +28,23 @@ class Backend(str, enum.Enum):
     inprocess = "inprocess"
 
 
+class Codec(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    int8 = "int8"
+
+
+class Accountant(str, enum.Enum):
+    rdp = "rdp"
+    pld = "pld"
+
+
+class DPMode(str, enum.Enum):
+    none = "none"
+    central = "central"  # the server adds the noise to the sum
+    distributed = "distributed"  # each device adds its share of the noise (use with secagg)
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # a zoo name (smollm2-135m, tiny) or a local Hugging Face model folder
@@ -73,6 +90,24 @@ class ServerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    dp: DPMode = DPMode.none
+    clip_norm: float = 1.0  # L2 bound of one device's update (with dp or secagg)
+    noise_multiplier: float = 0.0  # z: noise std on the sum is z * clip_norm; 0 with target_epsilon = calibrate
+    target_epsilon: float = 0.0  # the budget; training stops before it would be overspent (0 = none)
+    delta: float = 1e-6
+    accountant: Accountant = Accountant.rdp
+    adaptive_clip: bool = False  # Andrew et al. 2021
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise_std: float = 0.0  # sigma_b for the adaptive-clipping count (0 = none; set > z/2 under DP)
+    secagg: bool = False  # secure aggregation: the server learns only the sum
+    secagg_degree: int = 0  # SecAgg+ neighbours per device (0 = the full graph)
+    frac_bits: int = 16  # fixed-point fractional bits of the secure sum
+    codec: Codec = Codec.float32  # how a (non-secagg) update is uploaded
+
+
+@dataclass
 class SimConfig:
     devices: int = 8  # training population; 0 = every device of the dataset
     per_round: int = 0  # devices sampled per round; 0 = all of the population
@@ -100,6 +135,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -220,6 +256,14 @@ def validate(cfg: RunConfig) -> None:
         (cfg.sim.per_round >= 0, "sim.per_round must be 0 (all) or positive"),
         (cfg.sim.heldout >= 0, "sim.heldout must be 0 or positive"),
         (all(v in VARIANTS for v in cfg.eval.variants), f"eval.variants must be among {', '.join(VARIANTS)}"),
+        (cfg.privacy.clip_norm > 0, "privacy.clip_norm must be positive"),
+        (cfg.privacy.noise_multiplier >= 0, "privacy.noise_multiplier must be 0 or positive"),
+        (0 < cfg.privacy.delta < 1, "privacy.delta must be between 0 and 1"),
+        (cfg.privacy.dp is DPMode.none or cfg.privacy.noise_multiplier > 0 or cfg.privacy.target_epsilon > 0,
+         "privacy.dp needs privacy.noise_multiplier or privacy.target_epsilon above 0"),
+        (cfg.privacy.dp is not DPMode.distributed or cfg.privacy.secagg,
+         "privacy.dp=distributed needs privacy.secagg=true (each share of noise alone is too small)"),
+        (8 <= cfg.privacy.frac_bits <= 24, "privacy.frac_bits must be between 8 and 24"),
     ]
     for ok, msg in checks:
         if not ok:

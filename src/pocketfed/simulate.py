@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,15 +30,17 @@ import numpy as np
 import torch
 import yaml
 
-from pocketfed.config import RunConfig, to_dict
+from pocketfed.config import DPMode, RunConfig, to_dict
 from pocketfed.data.federated import Blocks, FederatedDataset, load_dataset
 from pocketfed.device.trainer import train_steps
 from pocketfed.errors import UserError
 from pocketfed.evaluation import Metrics, evaluate
 from pocketfed.model import lora
 from pocketfed.model.zoo import load_base
+from pocketfed.privacy import accountant, dp
 from pocketfed.server import checkpoint, strategies
-from pocketfed.server.strategies import ServerState, WeightedUpdate
+from pocketfed.server.aggregate import aggregate_round
+from pocketfed.server.strategies import WeightedUpdate
 from pocketfed.transport.inprocess import InProcessBackend
 from pocketfed.transport.messages import TrainResult, TrainTask
 
@@ -131,12 +133,15 @@ def simulate(
     heldout_blocks = [dataset.device(d).test for d in heldout]
     ev = lambda blocks: evaluate(model, blocks, max_tokens=cfg.data.max_eval_tokens)  # noqa: E731
 
+    per_round = len(sample_round(pool, cfg.sim.per_round, cfg.sim.seed, 0))
+    privacy = init_privacy(cfg, per_round / len(pool))
     history: list[dict[str, Any]] = []
     if resume:
         state, extra = checkpoint.load(ckpt_path)
         history = extra["history"]
         if extra.get("config") != to_dict(cfg):
             raise UserError(f"--resume: the config differs from the one {out} was started with")
+        privacy = PrivacyRun.from_json(extra["privacy"]) if extra.get("privacy") else privacy
     else:
         state = strategies.init(init_params, cfg.server)
         (out / "metrics.jsonl").write_text("")
@@ -147,6 +152,9 @@ def simulate(
     train_seconds = 0.0
     bytes_up = lora.num_bytes(init_params)
     for r in range(state.round, cfg.sim.rounds):
+        if privacy and accountant.budget_exhausted(accountant.step(privacy.ledger)):
+            emit("budget_spent", {"round": r, "epsilon": privacy.ledger.epsilon_spent})
+            break
         t_round = time.perf_counter()
         sampled = sample_round(pool, cfg.sim.per_round, cfg.sim.seed, r)
         emit("round_start", {"round": r, "devices": len(sampled)})
@@ -157,7 +165,14 @@ def simulate(
         done = [x for x in results if isinstance(x, TrainResult)]
         if not done:
             raise RuntimeError(f"round {r}: every sampled device dropped out")
-        state, diag = strategies.apply(state, [WeightedUpdate(x.update, x.num_tokens) for x in done], cfg.server)
+        agg = aggregate_round(
+            [WeightedUpdate(x.update, x.num_tokens) for x in done], cfg.privacy,
+            clip_norm=privacy.clip.clip_norm if privacy else cfg.privacy.clip_norm,
+            noise_multiplier=privacy.ledger.noise_multiplier if privacy else 0.0,
+            expected_devices=len(sampled), round_id=r,
+        )
+        state, diag = strategies.apply_mean(state, agg.mean, cfg.server)
+        bytes_up = agg.bytes_up_per_device
         row: dict[str, Any] = {
             "round": r,
             "devices": [x.device_id for x in done],
@@ -168,6 +183,10 @@ def simulate(
             "bytes_up_per_device": bytes_up,
             **diag,
         }
+        if privacy:
+            privacy = privacy.after_round(agg.unclipped, agg.devices, cfg.privacy.adaptive_clip)
+            row["privacy"] = {"epsilon": privacy.ledger.epsilon_spent, "clip_norm": privacy.clip.clip_norm,
+                              "unclipped": agg.unclipped}
         if cfg.eval.every_round and heldout_blocks:
             lora.set_state(model, state.params)
             row["heldout"] = ev(heldout_blocks).as_dict()
@@ -175,7 +194,8 @@ def simulate(
         history.append(row)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        checkpoint.save(ckpt_path, state, {"history": history, "config": to_dict(cfg)})
+        checkpoint.save(ckpt_path, state, {"history": history, "config": to_dict(cfg),
+                                           "privacy": privacy.to_json() if privacy else None})
         emit("round_end", row)
     backend.close()
 
@@ -233,6 +253,7 @@ def simulate(
             "devices": {"population": len(pool), "heldout": len(heldout), "trained": len(trained)},
             "rounds": cfg.sim.rounds,
             "bytes_up_per_device_round": bytes_up,
+            "privacy": privacy.summary() if privacy else None,
             "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),
             "wall_seconds": time.perf_counter() - t_start,
             "train_seconds": train_seconds,
@@ -243,6 +264,49 @@ def simulate(
 
     plot_report(history, summary, out / "report.png")
     return RunResult(summary, history)
+
+
+@dataclass(frozen=True)
+class PrivacyRun:
+    """The DP bookkeeping of a run: the accountant's ledger and the (adaptive) clip state."""
+
+    ledger: accountant.PrivacyLedgerState
+    clip: dp.AdaptiveClipState
+
+    def after_round(self, unclipped: int, devices: int, adaptive: bool) -> "PrivacyRun":
+        clip = dp.adapt_clip(self.clip, unclipped, devices) if adaptive else self.clip
+        return PrivacyRun(accountant.step(self.ledger), clip)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.to_json_dict(), "clip": asdict(self.clip)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "PrivacyRun":
+        return PrivacyRun(accountant.PrivacyLedgerState.from_json_dict(data["ledger"]), dp.AdaptiveClipState(**data["clip"]))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.ledger.epsilon_spent, "delta": self.ledger.delta,
+            "noise_multiplier": self.ledger.noise_multiplier, "sample_rate": self.ledger.sample_rate,
+            "rounds": self.ledger.rounds_done, "clip_norm": self.clip.clip_norm, "accountant": self.ledger.method,
+        }
+
+
+def init_privacy(cfg: RunConfig, sample_rate: float) -> PrivacyRun | None:
+    """The accountant for DP runs. Sampling is a fixed-size uniform draw per round, accounted as
+    Poisson sampling at rate per_round / population (the usual approximation, as in DP-FedAvg)."""
+    p = cfg.privacy
+    if p.dp is DPMode.none:
+        return None
+    z = p.noise_multiplier or accountant.calibrate(p.target_epsilon, p.delta, cfg.sim.rounds, sample_rate)
+    if p.adaptive_clip and p.count_noise_std:
+        z = dp.adjusted_noise_multiplier(z, p.count_noise_std)
+    ledger = accountant.PrivacyLedgerState(
+        noise_multiplier=z, sample_rate=sample_rate, delta=p.delta,
+        epsilon_budget=p.target_epsilon or float("inf"), method=p.accountant.value,
+    )
+    clip = dp.AdaptiveClipState(p.clip_norm, p.target_quantile, p.clip_lr, p.count_noise_std)
+    return PrivacyRun(ledger, clip)
 
 
 def _pool_metrics(per_device: list[Metrics]) -> Metrics:

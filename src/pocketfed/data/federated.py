@@ -83,23 +83,22 @@ class FederatedDataset:
             )
         self.device = lru_cache(maxsize=4096)(self._device)
 
+    def _join(self, pieces: list[str]) -> str:
+        """One string per split, each piece ended by the EOS token's text (tokenized as EOS)."""
+        eos = self._tok.eos_token
+        return "".join(p + eos for p in pieces)
+
     def _encode(self, pieces: list[str]) -> list[int]:
-        out: list[int] = []
-        for ids in self._tok(pieces, add_special_tokens=False)["input_ids"] if pieces else []:
-            out.extend(ids)
-            out.append(self._eos)
-        return out
+        return self._tok(self._join(pieces), add_special_tokens=False)["input_ids"] if pieces else []
 
     def _filter(self, ids: list[str]) -> list[str]:
         counts = self.train_token_counts(ids)
         return [d for d, n in zip(ids, counts) if n >= self._cfg.min_train_tokens]
 
     def train_token_counts(self, ids: list[str]) -> list[int]:
-        """Training tokens per device, in one batched tokenizer call (fast tokenizers run in Rust)."""
-        trains = [split_pieces(self._raw[d], self._cfg.test_fraction)[0] for d in ids]
-        joined = ["\n".join(t) for t in trains]
-        lens = [len(x) for x in self._tok(joined, add_special_tokens=False)["input_ids"]] if joined else []
-        return [n + len(t) for n, t in zip(lens, trains)]  # + one EOS per piece, as _encode adds
+        """Training tokens per device (as `device()` makes them), in one batched tokenizer call."""
+        texts = [self._join(split_pieces(self._raw[d], self._cfg.test_fraction)[0]) for d in ids]
+        return [len(x) for x in self._tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
     def pieces(self, device_id: str) -> list[str]:
         return self._raw[device_id]

@@ -1,0 +1,3 @@
+from pocketfed.cli import main
+
+main()

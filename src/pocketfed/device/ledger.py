@@ -1,0 +1,176 @@
+"""The device's egress ledger: nothing leaves the device unless it is checked and written down first.
+
+`check_and_record` is the only door out. It accepts two kinds of message:
+- "update":  a model update whose tensor names, shapes and dtypes equal the task's adapter schema
+             ({name: (shape, dtype)}), encoded as safetensors;
+- "metrics": scalar metrics whose names are in `ALLOWED_METRICS` and whose values are real,
+             finite numbers (a string would be a metric that carries text), encoded as JSON.
+Anything else is refused, "personal_adapter" above all: a private personal adapter never leaves.
+It returns the exact bytes to send, after appending to `<home>/ledger.jsonl` one JSON line with
+time, destination, kind, byte count, sha256 and the tensor names/shapes (or metric values). A
+refusal raises `EgressRefused` and is appended too, as kind "refusal" with the reason.
+
+The file is append-only: opened with O_APPEND, one write per line, fsync before returning, so an
+entry is on disk before its message can be sent. `summarize` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+LEDGER_FILE = "ledger.jsonl"
+UPDATE, METRICS, REFUSAL = "update", "metrics", "refusal"
+ALLOWED_KINDS = (UPDATE, METRICS)
+ALLOWED_METRICS = frozenset({
+    "num_tokens", "num_examples", "loss", "train_loss", "eval_loss", "perplexity", "steps",
+    "wall_seconds", "energy_j", "peak_memory_mb", "unclipped",
+})
+
+Schema = Mapping[str, tuple[tuple[int, ...], str]]
+"""The task's adapter schema: tensor name -> (shape, dtype name such as "float32")."""
+
+
+class EgressRefused(Exception):
+    """The device refused to send a message; the refusal is in the ledger."""
+
+
+def _append(home: Path, entry: Mapping[str, Any]) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    fd = os.open(home / LEDGER_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _check_update(payload: Mapping[str, Any], schema: Schema) -> list[list[Any]]:
+    for name, tensor in payload.items():
+        if name not in schema:
+            raise EgressRefused(f"tensor {name!r} is not in the task's adapter schema")
+        if not isinstance(tensor, torch.Tensor):
+            raise EgressRefused(f"tensor {name!r} is a {type(tensor).__name__}, not a tensor")
+        shape, dtype = schema[name]
+        if tuple(tensor.shape) != tuple(shape) or _dtype_name(tensor) != dtype:
+            raise EgressRefused(f"tensor {name!r} is {tuple(tensor.shape)} {_dtype_name(tensor)}; "
+                                f"the schema says {tuple(shape)} {dtype}")
+    missing = sorted(set(schema) - set(payload))
+    if missing:
+        raise EgressRefused(f"update lacks schema tensors {missing}")
+    return [[n, list(payload[n].shape), _dtype_name(payload[n])] for n in sorted(payload)]
+
+
+def _check_metrics(payload: Mapping[str, Any]) -> dict[str, float]:
+    if not payload:
+        raise EgressRefused("an empty metrics message")
+    out = {}
+    for name, value in payload.items():
+        if name not in ALLOWED_METRICS:
+            raise EgressRefused(f"metric {name!r} is not in the allow-list {sorted(ALLOWED_METRICS)}")
+        if isinstance(value, (str, bytes)):
+            raise EgressRefused(f"metric {name!r} carries text, not a number")
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise EgressRefused(f"metric {name!r} is not a finite real number")
+        out[name] = float(value)
+    return out
+
+
+def check_and_record(home: str | Path, destination: str, kind: str, payload: Mapping[str, Any],
+                     schema: Schema) -> bytes:
+    """Check an outbound message, record it, and return the exact bytes to send.
+
+    Raises EgressRefused (after recording the refusal) for any kind but "update" and "metrics",
+    a tensor outside the schema (name, shape or dtype), or a metric outside the allow-list or
+    not a finite number.
+    """
+    home = Path(home)
+    try:
+        if kind == "personal_adapter":
+            raise EgressRefused("a personal adapter never leaves this device")
+        if kind == UPDATE:
+            described: dict[str, Any] = {"tensors": _check_update(payload, schema)}
+            data = safetensors_save({n: payload[n].detach().contiguous().cpu() for n in sorted(payload)})
+        elif kind == METRICS:
+            metrics = _check_metrics(payload)
+            described = {"metrics": metrics}
+            data = json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()
+        else:
+            raise EgressRefused(f"kind {kind!r} may not leave this device; allowed: {list(ALLOWED_KINDS)}")
+    except EgressRefused as refusal:
+        _append(home, {"time": time.time(), "destination": destination, "kind": REFUSAL,
+                       "requested_kind": kind, "reason": str(refusal)})
+        raise
+    _append(home, {"time": time.time(), "destination": destination, "kind": kind,
+                   "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **described})
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Counts and bytes per kind of what left the device, plus refusals."""
+
+    messages: int
+    bytes: int
+    by_kind: Mapping[str, tuple[int, int]]  # kind -> (messages, bytes)
+    refusals: int
+    unreadable: int
+
+    @property
+    def sentence(self) -> str:
+        if self.messages == 0:
+            head = "0 messages, 0 bytes; nothing left this device"
+        elif set(self.by_kind) <= set(ALLOWED_KINDS):
+            head = (f"{self.messages} messages, {self.bytes} bytes, all model updates and metrics; "
+                    f"no raw data left this device")
+        else:
+            odd = sorted(set(self.by_kind) - set(ALLOWED_KINDS))
+            head = f"{self.messages} messages, {self.bytes} bytes, including unexpected kinds {odd}"
+        if self.refusals:
+            head += f"; {self.refusals} request{'s' * (self.refusals != 1)} refused"
+        if self.unreadable:
+            head += f"; {self.unreadable} unreadable ledger line{'s' * (self.unreadable != 1)}"
+        return head
+
+
+def summarize(home: str | Path) -> Summary:
+    """Read `<home>/ledger.jsonl` (absent means nothing was sent); FileNotFoundError if no home."""
+    home = Path(home)
+    if not home.is_dir():
+        raise FileNotFoundError(f"device home {home} does not exist")
+    by_kind: dict[str, tuple[int, int]] = {}
+    refusals = unreadable = 0
+    path = home / LEDGER_FILE
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
+    for line in filter(str.strip, lines):
+        try:
+            entry = json.loads(line)
+            kind, nbytes = str(entry["kind"]), int(entry.get("bytes", 0))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            unreadable += 1
+            continue
+        if kind == REFUSAL:
+            refusals += 1
+            continue
+        count, total = by_kind.get(kind, (0, 0))
+        by_kind[kind] = (count + 1, total + nbytes)
+    return Summary(
+        messages=sum(c for c, _ in by_kind.values()), bytes=sum(b for _, b in by_kind.values()),
+        by_kind=by_kind, refusals=refusals, unreadable=unreadable,
+    )

@@ -1,0 +1,99 @@
+"""Egress ledger: a hostile task's requests are refused and recorded; good messages are recorded first."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load as safetensors_load
+
+from pocketfed.device import ledger
+
+SCHEMA: ledger.Schema = {
+    "layers.0.q_proj.lora_A": ((8, 16), "float32"),
+    "layers.0.q_proj.lora_B": ((16, 8), "float32"),
+}
+
+
+def _update() -> dict[str, torch.Tensor]:
+    return {"layers.0.q_proj.lora_A": torch.ones(8, 16), "layers.0.q_proj.lora_B": torch.zeros(16, 8)}
+
+
+def _entries(home: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (home / ledger.LEDGER_FILE).read_text().splitlines()]
+
+
+def test_good_update_is_recorded_with_sha256_and_bytes(tmp_path: Path) -> None:
+    data = ledger.check_and_record(tmp_path, "https://server/round/3", "update", _update(), SCHEMA)
+    (entry,) = _entries(tmp_path)  # on disk before the caller can send `data`
+    assert entry["kind"] == "update" and entry["destination"] == "https://server/round/3"
+    assert entry["bytes"] == len(data)
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["tensors"] == [["layers.0.q_proj.lora_A", [8, 16], "float32"],
+                                ["layers.0.q_proj.lora_B", [16, 8], "float32"]]
+    sent = safetensors_load(data)
+    assert torch.equal(sent["layers.0.q_proj.lora_A"], torch.ones(8, 16))
+    assert len(data) > (8 * 16 + 16 * 8) * 4  # the tensors plus the safetensors header
+
+
+def test_good_metrics_are_recorded(tmp_path: Path) -> None:
+    data = ledger.check_and_record(tmp_path, "server", "metrics", {"loss": 2.5, "num_tokens": 1024}, SCHEMA)
+    assert json.loads(data) == {"loss": 2.5, "num_tokens": 1024.0}
+    (entry,) = _entries(tmp_path)
+    assert entry["metrics"] == {"loss": 2.5, "num_tokens": 1024.0} and entry["bytes"] == len(data)
+
+
+HOSTILE = [
+    ("metrics", {"loss": 1.0, "train_loss": "the user typed: my password is hunter2"}, "carries text"),
+    ("metrics", {"user_text_length": 12.0}, "not in the allow-list"),
+    ("metrics", {"loss": math.nan}, "not a finite real number"),
+    ("metrics", {"loss": [1.0, 2.0]}, "not a finite real number"),
+    ("update", {**_update(), "embed_tokens.weight": torch.zeros(4, 16)}, "not in the task's adapter schema"),
+    ("update", {**_update(), "layers.0.q_proj.lora_A": torch.ones(8, 17)}, "the schema says (8, 16)"),
+    ("update", {**_update(), "layers.0.q_proj.lora_A": torch.ones(8, 16, dtype=torch.float64)}, "float64"),
+    ("update", {"layers.0.q_proj.lora_A": torch.ones(8, 16)}, "lacks schema tensors"),
+    ("personal_adapter", _update(), "personal adapter never leaves"),
+    ("raw_text", {"text": torch.zeros(1)}, "may not leave this device"),
+]
+
+
+@pytest.mark.parametrize("kind, payload, reason", HOSTILE,
+                         ids=["text-metric", "unknown-metric", "nan", "list", "extra-tensor",
+                              "wrong-shape", "wrong-dtype", "missing-tensor", "personal", "raw"])
+def test_hostile_requests_are_refused_and_recorded(tmp_path: Path, kind: str, payload: dict[str, Any],
+                                                   reason: str) -> None:
+    with pytest.raises(ledger.EgressRefused, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        ledger.check_and_record(tmp_path, "server", kind, payload, SCHEMA)
+    (entry,) = _entries(tmp_path)
+    assert entry["kind"] == "refusal" and entry["requested_kind"] == kind
+    assert reason in entry["reason"]
+    assert "hunter2" not in (tmp_path / ledger.LEDGER_FILE).read_text()  # the text is not copied
+    assert "sha256" not in entry
+
+
+def test_summarize_counts_and_sentence(tmp_path: Path) -> None:
+    sizes = [len(ledger.check_and_record(tmp_path, "server", "update", _update(), SCHEMA)) for _ in range(2)]
+    sizes.append(len(ledger.check_and_record(tmp_path, "server", "metrics", {"loss": 1.0}, SCHEMA)))
+    with pytest.raises(ledger.EgressRefused):
+        ledger.check_and_record(tmp_path, "server", "personal_adapter", _update(), SCHEMA)
+    summary = ledger.summarize(tmp_path)
+    assert summary.messages == 3 and summary.bytes == sum(sizes) and summary.refusals == 1
+    assert summary.by_kind == {"update": (2, sizes[0] + sizes[1]), "metrics": (1, sizes[2])}
+    assert summary.sentence == (f"3 messages, {sum(sizes)} bytes, all model updates and metrics; "
+                                f"no raw data left this device; 1 request refused")
+    assert len(_entries(tmp_path)) == 4  # appended, never rewritten
+
+
+def test_summarize_empty_odd_and_missing(tmp_path: Path) -> None:
+    assert ledger.summarize(tmp_path).sentence == "0 messages, 0 bytes; nothing left this device"
+    (tmp_path / ledger.LEDGER_FILE).write_text('{"kind": "raw_text", "bytes": 9}\nnot json\n')
+    odd = ledger.summarize(tmp_path)
+    assert "unexpected kinds ['raw_text']" in odd.sentence and "1 unreadable ledger line" in odd.sentence
+    assert "no raw data" not in odd.sentence
+    with pytest.raises(FileNotFoundError):
+        ledger.summarize(tmp_path / "nowhere")

@@ -1,0 +1,71 @@
+"""Privacy CLI: calibrate and epsilon round-trip through their output; bad values speak to the user."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pocketfed.device import ledger
+from pocketfed.errors import UserError
+from pocketfed.privacy.cli import register
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    def other() -> None:  # the main app has commands of its own
+        """Placeholder."""
+
+    register(app)
+    return app
+
+
+def _number_after(word: str, text: str) -> float:
+    match = re.search(rf"{word} ([0-9.]+)", " ".join(text.split()))  # rich may wrap lines
+    assert match, text
+    return float(match.group(1))
+
+
+def test_calibrate_then_epsilon_round_trip() -> None:
+    runner = CliRunner()
+    out = runner.invoke(_app(), ["privacy", "calibrate", "--epsilon", "8", "--delta", "1e-6",
+                                 "--rounds", "200", "--sample-rate", "0.01"])
+    assert out.exit_code == 0, out.output
+    z = _number_after("noise multiplier", out.output)
+    assert z == pytest.approx(0.5592, abs=1e-3)
+    back = runner.invoke(_app(), ["privacy", "epsilon", "--noise-multiplier", str(z), "--delta", "1e-6",
+                                  "--rounds", "200", "--sample-rate", "0.01"])
+    assert back.exit_code == 0, back.output
+    assert _number_after("epsilon", back.output) == pytest.approx(8.0, rel=0.01)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["privacy", "calibrate", "--epsilon", "-1", "--delta", "1e-6", "--rounds", "10", "--sample-rate", "0.1"], "--epsilon"),
+    (["privacy", "calibrate", "--epsilon", "1", "--delta", "1", "--rounds", "10", "--sample-rate", "0.1"], "--delta"),
+    (["privacy", "epsilon", "--noise-multiplier", "1", "--delta", "1e-6", "--rounds", "0", "--sample-rate", "0.1"], "--rounds"),
+    (["privacy", "epsilon", "--noise-multiplier", "1", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "1.5"], "--sample-rate"),
+    (["privacy", "epsilon", "--noise-multiplier", "-2", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "0.1"], "--noise-multiplier"),
+    (["ledger", "--home", "/nonexistent/device-home"], "--home"),
+])
+def test_bad_values_raise_user_error_naming_the_option(args: list[str], option: str) -> None:
+    result = CliRunner().invoke(_app(), args)
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert message.startswith(option) and message.endswith(".") and message.count(". ") == 0
+
+
+def test_ledger_command_summarises(tmp_path: Path) -> None:
+    schema = {"w": ((2,), "float32")}
+    data = ledger.check_and_record(tmp_path, "server", "update", {"w": torch.zeros(2)}, schema)
+    ledger.check_and_record(tmp_path, "server", "metrics", {"loss": 1.0}, schema)
+    result = CliRunner().invoke(_app(), ["ledger", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich may wrap the sentence
+    assert "2 messages" in text and "all model updates and metrics; no raw data left this device" in text
+    assert "update" in text and str(len(data)) in text.replace(",", "")
