@@ -50,6 +50,8 @@ def simulate(
     per_round: Optional[int] = typer.Option(None, "--per-round", help="Devices sampled per round."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     seed: Optional[int] = typer.Option(None, help="Run seed."),
+    backend: Optional[str] = typer.Option(None, help="inprocess (default) or ray."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A Ray cluster, e.g. ray://head:10001."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: --set train.lr=3e-4"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
 ) -> None:
@@ -57,7 +59,11 @@ def simulate(
     from pocketfed.config import load_config
     from pocketfed.simulate import simulate as run_simulation
 
-    cfg = load_config(config, _overrides(set_, model, devices, per_round, rounds, seed))
+    ov = _overrides(set_, model, devices, per_round, rounds, seed)
+    for key, value in (("backend", backend), ("ray_address", ray_address)):
+        if value is not None:
+            ov.setdefault("sim", {})[key] = value
+    cfg = load_config(config, ov)
     console.print(f"[bold]pocketfed simulate[/] model={cfg.model.name} dataset={cfg.data.dataset} "
                   f"strategy={cfg.server.strategy.value} rounds={cfg.sim.rounds} -> {out}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -26,6 +26,7 @@ class Strategy(str, enum.Enum):
 
 class Backend(str, enum.Enum):
     inprocess = "inprocess"
+    ray = "ray"
 
 
 class Codec(str, enum.Enum):
@@ -115,6 +116,7 @@ class SimConfig:
     heldout: int = 4  # devices kept out of training, for evaluation only
     seed: int = 0
     backend: Backend = Backend.inprocess
+    ray_address: str = ""  # "" = start a local Ray; else e.g. ray://head:10001
     threads: int = 0  # torch threads; 0 = leave torch's default
 
 

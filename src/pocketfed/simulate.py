@@ -15,7 +15,6 @@ on held-out devices that were never sampled for training):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import json
 import os
@@ -40,40 +39,12 @@ from pocketfed.model.zoo import load_base
 from pocketfed.privacy import accountant, dp
 from pocketfed.server import checkpoint, strategies
 from pocketfed.server.aggregate import aggregate_round
+from pocketfed.server.sampling import device_seed, sample_round, split_population
 from pocketfed.server.strategies import WeightedUpdate
-from pocketfed.transport.inprocess import InProcessBackend
+from pocketfed.transport import make_backend
 from pocketfed.transport.messages import TrainResult, TrainTask
 
 CHECKPOINT = "checkpoint.safetensors"
-
-
-def device_seed(seed: int, round_: int, device_id: str) -> int:
-    """A device's seed for a round, derived from the run seed: independent of sampling order."""
-    digest = hashlib.sha256(f"{seed}/{round_}/{device_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def split_population(device_ids: list[str], n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training population, held-out devices), disjoint, drawn under `seed`."""
-    need = n_heldout + (n_train or 1)
-    if len(device_ids) < need:
-        raise UserError(
-            f"the dataset has {len(device_ids)} usable devices but sim.devices={n_train} and "
-            f"sim.heldout={n_heldout} need {need}"
-        )
-    order = np.random.default_rng(seed).permutation(len(device_ids))
-    ids = [device_ids[i] for i in order]
-    heldout = sorted(ids[:n_heldout])
-    pool = ids[n_heldout:] if n_train == 0 else ids[n_heldout : n_heldout + n_train]
-    return sorted(pool), heldout
-
-
-def sample_round(pool: list[str], per_round: int, seed: int, round_: int) -> list[str]:
-    """The devices of round `round_`: a uniform sample without replacement, from a generator
-    seeded by (seed, round) so a resumed run samples exactly as an uninterrupted one."""
-    k = len(pool) if per_round == 0 else min(per_round, len(pool))
-    rng = np.random.default_rng([seed, round_, 0x5A])
-    return sorted(pool[i] for i in rng.choice(len(pool), size=k, replace=False))
 
 
 def pooled(blocks: list[Blocks]) -> Blocks:
@@ -145,7 +116,7 @@ def simulate(
     else:
         state = strategies.init(init_params, cfg.server)
         (out / "metrics.jsonl").write_text("")
-    backend = InProcessBackend(model, dataset, on_done=lambda d: emit("device_done", {"device": d}))
+    backend = make_backend(cfg, model, base, dataset, on_done=lambda d: emit("device_done", {"device": d}))
     emit("setup", {"pool": len(pool), "heldout": len(heldout), "rounds": cfg.sim.rounds, "start_round": state.round})
 
     # ---- rounds ---------------------------------------------------------------------------------

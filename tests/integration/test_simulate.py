@@ -8,7 +8,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from pocketfed.config import VARIANTS
-from pocketfed.simulate import sample_round, simulate
+from pocketfed.server.sampling import sample_round
+from pocketfed.simulate import simulate
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
