@@ -73,6 +73,6 @@ def evaluate(model: torch.nn.Module, blocks: list[Blocks], batch_size: int = 8, 
             rows = min(rows, math.ceil(max_tokens / b.input_ids.shape[1]))
         for i in range(0, rows, batch_size):
             ids, mask = b.input_ids[i : min(i + batch_size, rows)], b.mask[i : min(i + batch_size, rows)]
-            logits = model(input_ids=ids, attention_mask=mask.long()).logits
+            logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask.long()).logits
             totals.add(score_logits(logits, ids, mask))
     return totals.metrics()

@@ -1,0 +1,59 @@
+"""The CLI: bad input gets one clear sentence and a non-zero exit, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def pocketfed(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "pocketfed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["simulate", "--model", "/no/such/model", "--out", "{tmp}/o"], "model '/no/such/model' is neither a zoo name"),
+        (["simulate", "--model", "tiny", "--set", "data.dataset=mnist", "--out", "{tmp}/o"], "unknown dataset 'mnist'"),
+        (["simulate", "--model", "tiny", "--set", "data.dataset=textdir", "--set", "data.path={tmp}/notes", "--out", "{tmp}/o"], "empty.txt is empty"),
+        (["simulate", "--model", "tiny", "--set", "train.lrr=1", "--out", "{tmp}/o"], "unknown config key 'train.lrr'"),
+        (["simulate", "--model", "tiny", "--devices", "many", "--out", "{tmp}/o"], "--devices must be a positive number or 'all'"),
+        (["simulate", "--config", "{tmp}/nope.yaml"], "config file"),
+        (["data", "stats", "{tmp}/missing"], "unknown dataset"),
+    ],
+)
+def test_bad_input_is_one_sentence(tmp_path, args, words):
+    notes = tmp_path / "notes" / "me"
+    notes.mkdir(parents=True)
+    (notes / "empty.txt").write_text("")
+    (notes / "ok.txt").write_text("some words " * 200)
+    res = pocketfed(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    assert words in " ".join((res.stderr + res.stdout).split()), res.stderr
+    assert not (tmp_path / "o" / "summary.json").exists()  # nothing half-written
+
+
+def test_simulate_tiny_end_to_end_under_a_minute(tmp_path):
+    import json
+    import time
+
+    start = time.perf_counter()
+    res = pocketfed("simulate", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "t"), "--set", "train.lr=3e-3",
+                    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    elapsed = time.perf_counter() - start
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert "federated" in res.stdout and summary["rounds"] == 2
+    assert elapsed < 60, f"the tiny end-to-end run took {elapsed:.0f}s"
+
+
+def test_data_stats_shakespeare():
+    res = pocketfed("data", "stats", "shakespeare", "--min-train-tokens", "0")
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "devices" in out and "median" in out
