@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 SECTIONS = [
     ("Simulation (issue 2)", "bench_sim"),
     ("Secure aggregation (issue 4)", "bench_secagg"),
+    ("Differential privacy on Shakespeare (issue 4)", "bench_dp"),
     ("On-device inference (issue 5)", "bench_runtime"),
     ("Device budgets (issue 6)", "bench_budget"),
     ("Scale-out (issue 7)", "bench_scale"),

@@ -84,3 +84,26 @@ def test_fedadam_run_moves_and_improves(tmp_path):
     s = result.summary
     assert s["federated"]["heldout"]["perplexity"] < s["base"]["heldout"]["perplexity"]
     assert torch.isfinite(torch.tensor(s["federated"]["perplexity"]))
+
+
+def test_dp_run_reports_epsilon_and_stops_at_budget(tmp_path):
+    from pocketfed.privacy import accountant
+
+    # A fixed noise multiplier and a budget that two rounds overspend: the run stops after one.
+    eps1 = accountant.epsilon(0.8, 1.0, 1, 1e-5)
+    eps2 = accountant.epsilon(0.8, 1.0, 2, 1e-5)
+    budget = (eps1 + eps2) / 2
+    cfg = tiny_config(privacy={"dp": "central", "noise_multiplier": 0.8, "clip_norm": 0.1, "delta": 1e-5,
+                               "target_epsilon": budget}, sim={"rounds": 3}, eval={"variants": ["base", "federated"]})
+    result = simulate(cfg, tmp_path / "dp")
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["privacy"]["rounds"] == 1 and summary["privacy"]["epsilon"] == pytest.approx(eps1)
+    assert summary["privacy"]["epsilon"] <= budget
+    assert [row["privacy"]["epsilon"] for row in result.history] == [pytest.approx(eps1)]
+
+
+def test_secagg_with_distributed_dp_runs(tmp_path):
+    cfg = tiny_config(privacy={"dp": "distributed", "secagg": True, "noise_multiplier": 0.5, "clip_norm": 0.1},
+                      sim={"rounds": 1}, eval={"variants": ["federated"]})
+    s = simulate(cfg, tmp_path / "sa").summary
+    assert s["privacy"]["epsilon"] > 0 and s["bytes_up_per_device_round"] > 0
