@@ -23,30 +23,15 @@ Written last into the export folder; the runtime reads it (as plain JSON, with n
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import socket
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pocketfed.release.formats import Format
 from pocketfed.release.merge import RunInputs
+from pocketfed.runtime.privacy_lock import host_id
 
 SCHEMA = 1
-
-
-def host_id() -> str:
-    """A short, non-reversible id of this machine (same function as pocketfed.runtime's)."""
-    machine = ""
-    for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            machine = Path(p).read_text().strip()
-            break
-        except OSError:
-            continue
-    raw = machine or f"{socket.gethostname()}-{uuid.getnode()}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def file_sizes(folder: Path) -> dict[str, int]:

@@ -3,12 +3,17 @@
 This package is what a phone ships: it imports nothing from pocketfed's training code, only the
 standard library, numpy, onnxruntime-genai and `pocketfed.errors`.
 
-Runtime settings, chosen by measurement on this project's 2-core x86 box (SmolLM2-135M merged with a
-LoRA adapter, int4 block 32 accuracy level 4; bench/bench_runtime.py; ratios against a baseline in
-the same run, because the machine is shared):
+Runtime settings, chosen by measurement (SmolLM2-135M + LoRA, int4 block 32 accuracy level 4,
+prune_lm_head; this 2-core x86 box shared with other jobs, load average ~4; each configuration in
+its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of context):
 
-- intra_op_num_threads = 2 (one per core).  See RUNTIME_SETTINGS_NOTES below for the numbers.
-- graph_optimization_level = ORT_ENABLE_ALL.
+- intra_op_num_threads = 1.  1 thread: 127 / 73 and 112 / 76 tok/s; 2 threads (spinning, ORT's
+  default): 54 / 38 and 57 / 40; 2 threads with session.intra_op.allow_spinning=0: 108 / 84 vs
+  1 thread 155 / 86 in the same round. On a shared or busy CPU a second spinning thread loses more
+  than it gains; pass threads=2 to `load` on an idle dual-core device. With threads > 1 we turn
+  spinning off.
+- graph_optimization_level = ORT_ENABLE_ALL (the GenAI default; the builder's graph is already fused).
+- enable_cpu_mem_arena stays on: off cost +100 MB peak RSS (376 vs 276 MB) for no speed gain.
 - past_present_share_buffer = true: the KV cache is one buffer of max_length positions updated in
   place, so decode does not copy the cache each step. Its size is fixed when a Generator is made,
   so we size it per request (prompt + max_tokens) instead of the model's 8k context, which would
@@ -26,10 +31,9 @@ import numpy as np
 
 from pocketfed.errors import UserError
 
-INTRA_OP_THREADS = 2
+INTRA_OP_THREADS = 1
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 SHARE_KV_BUFFER = True
-RUNTIME_SETTINGS_NOTES = "filled in from bench/bench_runtime.py measurements"
 
 ONNX_FORMATS = ("onnx-fp32", "onnx-int8", "onnx-int4")
 
@@ -100,11 +104,14 @@ def load(model_dir: str | Path, threads: int = INTRA_OP_THREADS) -> LoadedModel:
             raise UserError(f"model file {str(p)!r} is missing or has the wrong size; export the model again")
     try:
         config = og.Config(str(folder))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        options: dict[str, Any] = {
             "intra_op_num_threads": int(threads),
             "inter_op_num_threads": 1,
             "graph_optimization_level": GRAPH_OPTIMIZATION,
-        }}}}))
+        }
+        if threads > 1:
+            options["session.intra_op.allow_spinning"] = "0"
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         og_model = og.Model(config)
         tokenizer = og.Tokenizer(og_model)
     except Exception as e:  # onnxruntime-genai raises plain RuntimeError/Exception for corrupt files

@@ -1,0 +1,162 @@
+"""Runtime: load, KV-cache session, generate, suggest, privacy lock, import hygiene, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pocketfed.errors import UserError
+from pocketfed.runtime import Session, generate, load, privacy_lock, suggest
+from pocketfed.runtime.privacy_lock import host_id
+from pocketfed.runtime.suggest import _is_continuation, _is_word_start, _split
+
+
+@pytest.fixture(scope="module")
+def int4(pf):
+    return load(pf.export("onnx-int4"))
+
+
+def test_runtime_imports_no_training_code():
+    code = (
+        "import sys, pocketfed.runtime, pocketfed.runtime.bench;"
+        "print(sorted(m for m in sys.modules if m.startswith(('pocketfed', 'torch', 'transformers', 'peft'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out)  # noqa: S307 (our own printed list)
+    assert all(m == "pocketfed" or m == "pocketfed.errors" or m.startswith("pocketfed.runtime") for m in loaded), loaded
+
+
+def test_session_reuses_the_shared_prefix(int4):
+    ids = int4.encode("To be, or not to be, that is the question")
+    s = Session(int4, 64)
+    s.feed(ids)
+    assert s.steps == len(ids)
+    changed = ids[:-1] + [ids[-1] + 1]
+    got = s.feed(changed)
+    assert s.steps == len(ids) + 1  # only the changed last token ran
+    fresh = Session(int4, 64).feed(changed)
+    assert np.abs(got - fresh).max() < 1e-4
+
+
+def test_generate_streams_greedy_tokens(int4):
+    pieces = list(generate(int4, "My lord,", max_tokens=8))
+    assert 1 <= len(pieces) <= 8
+    ids = int4.encode("My lord,")
+    s = Session(int4, 32)
+    for _ in range(len(pieces)):
+        ids.append(int(np.argmax(s.feed(ids))))
+    assert "".join(pieces) == int4.decode(ids[len(int4.encode("My lord,")):])
+
+
+def test_generate_refuses_too_long(int4):
+    with pytest.raises(UserError, match="context"):
+        list(generate(int4, "word " * 10, max_tokens=int4.context_length))
+
+
+def test_word_rules_pinned():
+    assert _split("To be or not to b") == ("To be or not to", "b")
+    assert _split("To be or ") == ("To be or", "")
+    assert _split("") == ("", "")
+    assert _is_word_start(" the") and _is_word_start(" don't")
+    assert not _is_word_start("the") and not _is_word_start(" ,") and not _is_word_start(" 42")
+    assert _is_continuation("orrow") and _is_continuation("'s")
+    assert not _is_continuation(" the") and not _is_continuation(".")
+
+
+def test_suggest_three_distinct_words(int4):
+    for prefix in ("To be, or not to be, that is the ", "My lord, I will ", "Good night, sweet "):
+        words = suggest(int4, prefix)
+        assert len(words) == 3, (prefix, words)
+        assert len({w.lower() for w in words}) == 3
+        assert all(w.replace("'", "").replace("-", "").isalpha() for w in words), words
+
+
+def test_suggest_completes_the_word_being_typed(int4):
+    words = suggest(int4, "To be, or not to be, that is the qu")
+    assert words and all(w.lower().startswith("qu") for w in words), words
+
+
+def test_suggest_whole_words_not_subword_tokens(int4):
+    """Each suggestion is a greedy expansion to a word boundary: appending it, the model's next
+    token starts a new word or is punctuation, not a continuation of the same word."""
+    from pocketfed.runtime.suggest import _Vocab
+
+    vocab = _Vocab(int4.token_text())
+    prefix = "My lord, I will"
+    for w in suggest(int4, prefix + " "):
+        ids = int4.encode(prefix + " " + w)
+        if int4.decode(ids[len(int4.encode(prefix)):]) != " " + w or len(ids) - len(int4.encode(prefix)) >= 4:
+            continue  # tokenized differently from how it was generated, or cut at MAX_WORD_TOKENS
+        nxt = int(np.argmax(Session(int4, 64).feed(ids)))
+        assert not vocab.continues[nxt], (w, int4.token_text()[nxt])
+
+
+def test_load_refuses_bad_folders(pf, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no manifest.json"):
+        load(tmp_path / "empty")
+    with pytest.raises(UserError, match="runs in llama.cpp"):
+        load(pf.export("gguf-q4_0"))
+
+
+def test_load_refuses_a_corrupt_model_file(pf, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pf.export("onnx-int4"), bad)
+    data = (bad / "model.onnx").read_bytes()
+    (bad / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="wrong size"):
+        load(bad)
+    # same size, garbage content: the session itself refuses it
+    (bad / "model.onnx").write_bytes(b"\x00garbage" * (len(data) // 8) + b"\x00" * (len(data) % 8))
+    with pytest.raises(UserError, match="could not be loaded"):
+        load(bad)
+
+
+# ---- privacy lock ----
+
+
+def _export_with(tmp_path, pf, **manifest_changes):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(pf.export("gguf-q4_0"), folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(manifest_changes)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_privacy_lock_with_ledger(pf, tmp_path):
+    folder = _export_with(tmp_path, pf)
+    home = tmp_path / "home"
+    home.mkdir()
+    lines = [{"kind": "update", "bytes": 1000}] * 3 + [{"kind": "metrics"}, {"kind": "refusal", "requested_kind": "text"}]
+    (home / "ledger.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    line = privacy_lock(folder, home)
+    assert line.startswith("privacy lock: made on this device; trained with DP epsilon=2.5, delta=1.0e-05;")
+    assert "your personal data was not shared (ledger: 4 messages left this device" in line
+    assert "update x3" in line and "metrics x1" in line and "1 refused and kept" in line
+
+
+def test_privacy_lock_flags_raw_data_and_other_machines(pf, tmp_path):
+    folder = _export_with(tmp_path, pf, made_on="someone-else", privacy=None)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ledger.jsonl").write_text(json.dumps({"kind": "raw_text_upload"}) + "\n")
+    line = privacy_lock(folder, home)
+    assert "made on another machine" in line and "epsilon" not in line
+    assert "WARNING" in line and "raw_text_upload" in line and "not shared" not in line
+
+
+def test_privacy_lock_without_ledger(pf, tmp_path):
+    folder = _export_with(tmp_path, pf)
+    assert json.loads((folder / "manifest.json").read_text())["made_on"] == host_id()
+    line = privacy_lock(folder, tmp_path / "no-home")
+    assert "no egress ledger" in line and "not shared" not in line
+    assert privacy_lock(folder) == line
