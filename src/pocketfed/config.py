@@ -117,6 +117,8 @@ class SimConfig:
     seed: int = 0
     backend: Backend = Backend.inprocess
     ray_address: str = ""  # "" = start a local Ray; else e.g. ray://head:10001
+    device_cpus: int = 1  # under Ray: CPUs each virtual device declares (and its torch threads)
+    device_memory_mb: int = 0  # under Ray: private memory a device may use; 0 = 1024 + the model's size
     threads: int = 0  # torch threads; 0 = leave torch's default
 
 
@@ -131,6 +133,52 @@ class EvalConfig:
 
 
 @dataclass
+class DeployConfig:
+    """Rounds with real devices over HTTP (`pocketfed server`); sim.rounds and sim.seed still apply."""
+
+    goal: int = 8  # accepted updates that close a round
+    overselect: float = 1.3  # devices assigned per round = ceil(goal * overselect)
+    quorum: int = 4  # fewest updates that may still commit a round at its deadline
+    deadline_s: float = 600.0  # a round's life from opening to deadline
+    retry_s: float = 30.0  # "come back in" hint to devices that get no task
+    min_free_memory_mb: int = 512  # eligibility: besides charging, idle and unmetered
+    manifest_ttl_s: float = 86400.0  # a release manifest expires (freeze protection) after this
+    max_clock_skew_s: float = 300.0  # signed requests older or newer than this are refused
+    max_upload_mb: float = 64.0  # largest update a device may upload
+
+
+class Availability(str, enum.Enum):
+    always = "always"  # every sampled device is charging, idle, on Wi-Fi, cool and full
+    diurnal = "diurnal"  # device states follow the hour of each device's day (pocketfed.device.eligibility)
+
+
+@dataclass
+class EligibilityConfig:
+    """A device trains only when all of these hold (as Bonawitz et al. 2019 run Gboard's FL)."""
+
+    require_charging: bool = True
+    require_idle: bool = True
+    require_unmetered: bool = True
+    min_battery_pct: float = 20.0
+    max_temperature_c: float = 40.0  # battery temperature; phones throttle charging around 40-45 C
+
+
+@dataclass
+class DeviceConfig:
+    """Simulated devices: profiles, budgets, eligibility, availability over a day, dropouts."""
+
+    profiles: list[str] = field(default_factory=list)  # profile mix, e.g. [watch, phone, car]; [] = no budgets
+    profiles_file: str = ""  # YAML with user-defined profiles (see configs/profiles/)
+    max_round_seconds: float = 0.0  # time cap per round, estimated device seconds (0 = none)
+    max_round_battery_pct: float = 0.0  # energy cap per round, % of the battery (0 = none)
+    availability: Availability = Availability.always
+    start_hour: float = 0.0  # local time of round 0 (diurnal)
+    hours_per_round: float = 1.0  # simulated hours between rounds (diurnal)
+    dropout: float = 0.0  # probability that an eligible device fails during its round
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -140,6 +188,8 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
 
 VARIANTS = ("base", "federated", "personalized", "local_only", "centralized")
@@ -257,6 +307,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.sim.devices >= 0, "sim.devices must be 0 (all) or positive"),
         (cfg.sim.per_round >= 0, "sim.per_round must be 0 (all) or positive"),
         (cfg.sim.heldout >= 0, "sim.heldout must be 0 or positive"),
+        (cfg.sim.device_cpus >= 1, "sim.device_cpus must be at least 1"),
+        (cfg.sim.device_memory_mb >= 0, "sim.device_memory_mb must be 0 (derived from the model) or positive"),
         (all(v in VARIANTS for v in cfg.eval.variants), f"eval.variants must be among {', '.join(VARIANTS)}"),
         (cfg.privacy.clip_norm > 0, "privacy.clip_norm must be positive"),
         (cfg.privacy.noise_multiplier >= 0, "privacy.noise_multiplier must be 0 or positive"),
@@ -266,6 +318,18 @@ def validate(cfg: RunConfig) -> None:
         (cfg.privacy.dp is not DPMode.distributed or cfg.privacy.secagg,
          "privacy.dp=distributed needs privacy.secagg=true (each share of noise alone is too small)"),
         (8 <= cfg.privacy.frac_bits <= 24, "privacy.frac_bits must be between 8 and 24"),
+        (cfg.deploy.goal >= 1, "deploy.goal must be at least 1"),
+        (cfg.deploy.overselect >= 1.0, "deploy.overselect must be 1.0 or more"),
+        (1 <= cfg.deploy.quorum <= cfg.deploy.goal, "deploy.quorum must be between 1 and deploy.goal"),
+        (cfg.deploy.deadline_s > 0 and cfg.deploy.retry_s > 0, "deploy.deadline_s and deploy.retry_s must be positive"),
+        (cfg.deploy.manifest_ttl_s > 0 and cfg.deploy.max_clock_skew_s > 0,
+         "deploy.manifest_ttl_s and deploy.max_clock_skew_s must be positive"),
+        (cfg.deploy.max_upload_mb > 0, "deploy.max_upload_mb must be positive"),
+        (0.0 <= cfg.device.dropout < 1.0, "device.dropout must be in [0, 1)"),
+        (cfg.device.max_round_seconds >= 0 and cfg.device.max_round_battery_pct >= 0,
+         "device.max_round_seconds and device.max_round_battery_pct must be 0 (none) or positive"),
+        (cfg.device.hours_per_round > 0, "device.hours_per_round must be positive"),
+        (0 <= cfg.device.eligibility.min_battery_pct <= 100, "device.eligibility.min_battery_pct must be in [0, 100]"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,19 +30,20 @@ import torch
 import yaml
 
 from pocketfed.config import DPMode, RunConfig, to_dict
-from pocketfed.data.federated import Blocks, FederatedDataset, load_dataset
+from pocketfed.data.federated import Blocks, load_dataset
+from pocketfed.device import fleet as fleet_mod
 from pocketfed.device.trainer import train_steps
 from pocketfed.errors import UserError
 from pocketfed.evaluation import Metrics, evaluate
 from pocketfed.model import lora
 from pocketfed.model.zoo import load_base
 from pocketfed.privacy import accountant, dp
-from pocketfed.server import checkpoint, strategies
+from pocketfed.server import checkpoint, hetero, strategies
 from pocketfed.server.aggregate import aggregate_round
+from pocketfed.server.availability import DroppingBackend
 from pocketfed.server.sampling import device_seed, sample_round, split_population
-from pocketfed.server.strategies import WeightedUpdate
 from pocketfed.transport import make_backend
-from pocketfed.transport.messages import TrainResult, TrainTask
+from pocketfed.transport.messages import TrainResult
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -80,7 +81,10 @@ def simulate(
     out: Path,
     resume: bool = False,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    participants: list[list[str]] | None = None,
 ) -> RunResult:
+    """`participants[r]`, when given, are round r's devices instead of `sample_round`'s draw
+    (to replay a deployment's recorded rounds through the same code)."""
     emit = on_event or (lambda kind, info: None)
     t_start = time.perf_counter()
 
@@ -117,6 +121,9 @@ def simulate(
         state = strategies.init(init_params, cfg.server)
         (out / "metrics.jsonl").write_text("")
     backend = make_backend(cfg, model, base, dataset, on_done=lambda d: emit("device_done", {"device": d}))
+    if cfg.device.dropout:
+        backend = DroppingBackend(backend, cfg.device.dropout, cfg.sim.seed)
+    fleet = fleet_mod.build(cfg, base.model.config, pool)  # profiles, plans (ranks); no budgets by default
     emit("setup", {"pool": len(pool), "heldout": len(heldout), "rounds": cfg.sim.rounds, "start_round": state.round})
 
     # ---- rounds ---------------------------------------------------------------------------------
@@ -127,34 +134,40 @@ def simulate(
             emit("budget_spent", {"round": r, "epsilon": privacy.ledger.epsilon_spent})
             break
         t_round = time.perf_counter()
-        sampled = sample_round(pool, cfg.sim.per_round, cfg.sim.seed, r)
+        sampled = participants[r] if participants is not None else sample_round(pool, cfg.sim.per_round, cfg.sim.seed, r)
         emit("round_start", {"round": r, "devices": len(sampled)})
-        tasks = [TrainTask(r, d, state.params, cfg.train, device_seed(cfg.sim.seed, r, d)) for d in sampled]
+        # eligibility filter, rank truncation, energy/time caps (all no-ops under the default device config)
+        tasks, left_out = fleet_mod.prepare(fleet, cfg, r, sampled, state.params, lambda d: len(dataset.device(d).train),
+                                            lambda d: device_seed(cfg.sim.seed, r, d))
         t_train = time.perf_counter()
         results = backend.run(tasks)
         train_seconds += time.perf_counter() - t_train
         done = [x for x in results if isinstance(x, TrainResult)]
-        if not done:
-            raise RuntimeError(f"round {r}: every sampled device dropped out")
-        agg = aggregate_round(
-            [WeightedUpdate(x.update, x.num_tokens) for x in done], cfg.privacy,
-            clip_norm=privacy.clip.clip_norm if privacy else cfg.privacy.clip_norm,
-            noise_multiplier=privacy.ledger.noise_multiplier if privacy else 0.0,
-            expected_devices=len(sampled), round_id=r,
-        )
-        state, diag = strategies.apply_mean(state, agg.mean, cfg.server)
-        bytes_up = agg.bytes_up_per_device
+        if done:  # each device uploads its rank's update; hetero zero-pads them (HetLoRA) around the privacy pipeline
+            uploads = [hetero.RankedUpdate(hetero.for_device(x.update, fleet.devices[x.device_id].rank), x.num_tokens,
+                                           fleet.devices[x.device_id].rank) for x in done]
+            agg = hetero.aggregate(uploads, fleet.global_rank, lambda ups: aggregate_round(
+                ups, cfg.privacy,
+                clip_norm=privacy.clip.clip_norm if privacy else cfg.privacy.clip_norm,
+                noise_multiplier=privacy.ledger.noise_multiplier if privacy else 0.0,
+                expected_devices=len(sampled), round_id=r,
+            ), renormalize=cfg.privacy.dp is DPMode.none and not cfg.privacy.secagg)
+            state, diag = strategies.apply_mean(state, agg.mean, cfg.server)
+            bytes_up = agg.bytes_up_per_device
+        else:  # nobody eligible, or every device dropped out: the global adapter stays as it is
+            state, diag = replace(state, round=state.round + 1), {"skipped": True}
         row: dict[str, Any] = {
             "round": r,
             "devices": [x.device_id for x in done],
             "dropouts": len(results) - len(done),
             "tokens": sum(x.num_tokens for x in done),
             "local_steps": int(sum(x.metrics["steps"] for x in done)),
-            "train_loss": float(np.average([x.metrics["train_loss"] for x in done], weights=[x.num_tokens for x in done])),
+            "train_loss": float(np.average([x.metrics["train_loss"] for x in done], weights=[x.num_tokens for x in done])) if done else None,
             "bytes_up_per_device": bytes_up,
             **diag,
+            **fleet_mod.round_report(fleet, cfg, sampled, left_out, results),
         }
-        if privacy:
+        if privacy and done:
             privacy = privacy.after_round(agg.unclipped, agg.devices, cfg.privacy.adaptive_clip)
             row["privacy"] = {"epsilon": privacy.ledger.epsilon_spent, "clip_norm": privacy.clip.clip_norm,
                               "unclipped": agg.unclipped}

@@ -24,7 +24,7 @@ import yaml
 
 from pocketfed.config import LoraConfig, RunConfig, to_dict
 from pocketfed.model.lora import attach
-from pocketfed.model.zoo import load_base, tiny_dir
+from pocketfed.model.zoo import load_base
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRIVACY = {"epsilon": 2.5, "delta": 1e-5}

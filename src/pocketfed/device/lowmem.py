@@ -1,0 +1,152 @@
+"""Load a frozen base in reduced precision without ever holding the float32 model.
+
+The cached weights are float32 safetensors (~540 MB for SmolLM2-135M). `load_frozen` builds the
+model on the meta device, then reads each tensor from the file with plain reads (no mmap: mapped
+file pages would count in the process's RSS) in chunks of at most `CHUNK_BYTES`, converting each
+chunk into its destination:
+    fp32   float32 weights (as they are)
+    bf16   bfloat16 weights                                   (2 bytes / weight)
+    int8   the decoder's linear layers as int8 with one float32 scale per output row,
+           W[o, :] ~= scale[o] * Q[o, :],  scale[o] = max_i |W[o, i]| / 127,  Q = round(W / scale);
+           dequantized on the fly in forward *and* backward (nothing dequantized is kept for
+           backward); embeddings, the LM head and norms in bfloat16   (~1 byte / weight)
+So the peak while loading is the destination model plus one chunk.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+CHUNK_BYTES = 1 << 20
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+INT8_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self is Precision.fp32 else torch.bfloat16
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x W^T + b with W = scale[:, None] * Q; W is rebuilt in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, bias):  # type: ignore[override]
+        ctx.save_for_backward(q, scale)
+        w = q.to(x.dtype) * scale.to(x.dtype)[:, None]  # [out, in]
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        w = q.to(grad.dtype) * scale.to(grad.dtype)[:, None]
+        return grad @ w, None, None, None  # [..., out] @ [out, in] -> [..., in]
+
+
+class Int8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is int8 with per-output-row scales (PEFT wraps it as a Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device="meta"),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device="meta"))
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinear.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header {name: {dtype, shape, data_offsets}} and where the data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_into(f, info: dict, start: int, dest: torch.Tensor, quant_scale: torch.Tensor | None) -> None:
+    """Fill `dest` (same shape as the stored tensor) chunk by chunk; int8 `dest` is quantized per row."""
+    src_dtype = _ST_DTYPES[info["dtype"]]
+    shape = info["shape"]
+    rows = shape[0] if shape else 1
+    row_elems = max(1, int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else 1)
+    itemsize = torch.empty(0, dtype=src_dtype).element_size()
+    per_chunk = max(1, CHUNK_BYTES // (row_elems * itemsize))
+    f.seek(start + info["data_offsets"][0])
+    flat = dest.view(rows, row_elems)
+    buf = bytearray(min(rows, per_chunk) * row_elems * itemsize)
+    for r0 in range(0, rows, per_chunk):
+        n = min(per_chunk, rows - r0)
+        view = memoryview(buf)[: n * row_elems * itemsize]
+        if f.readinto(view) != len(view):
+            raise OSError(f"{f.name}: truncated tensor data")
+        chunk = torch.frombuffer(buf, dtype=src_dtype, count=n * row_elems).view(n, row_elems).float()
+        if quant_scale is not None:
+            scale = chunk.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [n]
+            quant_scale[r0 : r0 + n] = scale
+            flat[r0 : r0 + n] = torch.round(chunk / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        else:
+            flat[r0 : r0 + n] = chunk.to(dest.dtype)
+
+
+def load_frozen(folder: Path, precision: Precision) -> PreTrainedModel:
+    """The model of `folder` (HF config + model.safetensors) in `precision`, eval mode, frozen."""
+    config = AutoConfig.from_pretrained(folder)
+    dtype = precision.compute_dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if precision is Precision.int8:
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if child_name in INT8_MODULES and type(child) is nn.Linear:
+                    setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
+    header, start = read_header(folder / "model.safetensors")
+    with open(folder / "model.safetensors", "rb") as f:
+        for name, info in header.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            shape = tuple(info["shape"])
+            if isinstance(owner, Int8Linear) and attr == "weight":
+                q = torch.empty(shape, dtype=torch.int8)
+                scale = torch.empty(shape[0], dtype=torch.float32)
+                _read_into(f, info, start, q, scale)
+                owner.weight = nn.Parameter(q, requires_grad=False)
+                owner.weight_scale = scale
+            else:
+                t = torch.empty(shape, dtype=dtype)
+                _read_into(f, info, start, t, None)
+                setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+    if getattr(config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    # Non-persistent buffers (rotary inverse frequencies) were made on meta: rebuild those modules.
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
+            owner_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner_name) if owner_name else model, attr, type(module)(config=config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{folder}: tensors missing from model.safetensors: {left[:3]}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

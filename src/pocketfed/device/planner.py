@@ -1,0 +1,206 @@
+"""The memory planner: pick a training plan that fits a device profile, or refuse.
+
+A plan fixes the LoRA rank and target modules, the micro-batch and gradient accumulation
+(micro_batch * grad_accum = the configured batch), the sequence length, activation checkpointing
+and the precision of the frozen base (fp32, bf16, or int8 dequantized on the fly; see
+`pocketfed.device.lowmem`). Its predicted peak is the working set of one training round on top of
+the runtime (the profile's budget means the same):
+
+    weights      fp32: 4 P   bf16: 2 P   int8: 1 byte x decoder linears + 4 bytes x their rows
+                 + 2 bytes x (embeddings, head, norms)
+    adapter      16 bytes x LoRA params (fp32 weight, gradient, AdamW m and v)
+    activations  without checkpointing, every layer keeps its activations for backward:
+                     L x b T [e (6 h + 2 q + 2 kv + 3 i) + 4 h n_t] + L x e b H T^2
+                 with checkpointing, each layer keeps its input and one layer is live at a time:
+                     L x b T h e  +  one layer as above
+    logits       b T V (e + 24): the logits and ~6 float32 tensors of their size (the float copy,
+                 log-softmax, gradients) live at the peak of the loss's backward
+    margin       x 1.15 + 24 MB (allocator slack, data, small tensors)
+with P weights, L layers, h hidden, i intermediate, q = H d (query width), kv = H_kv d, V vocab,
+b micro-batch, T sequence, e the compute dtype's bytes (4 or 2), n_t LoRA targets per layer
+(their float32 input copies). The coefficients were fitted to measured runs of SmolLM2-135M and
+`tiny` (bench/bench_budget.py) so that the prediction stays an upper bound.
+
+Search (the first plan that fits wins; each move costs a little more time or quality than the
+last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on -> bf16 base ->
+int8 base -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank)
+before any of this. Nothing fits -> UserError naming the profile, the budget and the smallest plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pocketfed.config import LoraConfig, TrainConfig
+from pocketfed.device.lowmem import INT8_MODULES, Precision
+from pocketfed.device.profiles import DeviceProfile
+from pocketfed.errors import UserError
+
+MB = 1 << 20
+MIN_SEQ = 32
+MARGIN, MARGIN_MB = 1.15, 24.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a Llama-shaped decoder's config."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @staticmethod
+    def from_config(config: Any) -> "ModelShape":
+        try:
+            heads = int(config.num_attention_heads)
+            return ModelShape(
+                vocab=int(config.vocab_size), hidden=int(config.hidden_size),
+                intermediate=int(config.intermediate_size), layers=int(config.num_hidden_layers),
+                heads=heads, kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+                tied=bool(getattr(config, "tie_word_embeddings", False)),
+            )
+        except AttributeError as e:
+            raise UserError(f"the planner understands Llama-shaped decoders; this config lacks {e.name!r}") from None
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear of one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:  # decoder linears, all layers
+        return self.layers * sum(a * b for a, b in self.module_dims().values())
+
+    @property
+    def other_params(self) -> int:  # embeddings, head (if untied), norms
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.hidden * (2 * self.layers + 1)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    def lora_params(self, rank: int, targets: list[str]) -> int:
+        dims = self.module_dims()
+        return self.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+
+    def flops_per_token(self, checkpointing: bool) -> float:
+        """Training FLOPs per token with a frozen base: forward 2N, backward through activations
+        2N (no weight gradients), plus 2N for the recomputed forward under checkpointing."""
+        n = self.linear_params + self.vocab * self.hidden  # the head is a matmul; embeddings a lookup
+        return (6.0 if checkpointing else 4.0) * n
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: str
+    precision: Precision
+    rank: int
+    target_modules: tuple[str, ...]
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    checkpointing: bool
+    memory_mb: dict[str, float]  # weights, adapter, activations, logits, predicted_peak
+    budget_mb: float
+
+    @property
+    def predicted_peak_mb(self) -> float:
+        return self.memory_mb["predicted_peak"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["precision"] = self.precision.value
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
+               micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
+    """The predicted working set of one training round, in MB, by part (see the module docstring)."""
+    e = 4 if precision is Precision.fp32 else 2
+    if precision is Precision.fp32:
+        weights = 4 * shape.params
+    elif precision is Precision.bf16:
+        weights = 2 * shape.params
+    else:
+        int8_rows = shape.layers * sum(out for m, (_, out) in shape.module_dims().items() if m in INT8_MODULES)
+        weights = shape.linear_params + 4 * int8_rows + 2 * shape.other_params
+    adapter = 16 * shape.lora_params(rank, list(targets))
+    b, t, h = micro_batch, seq_len, shape.hidden
+    q, kv, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    n_t = len([x for x in targets if x in shape.module_dims()])
+    layer = b * t * (e * (6 * h + 2 * q + 2 * kv + 3 * i) + 4 * h * n_t) + e * b * shape.heads * t * t
+    activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
+    logits = b * t * shape.vocab * (e + 24)
+    parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
+    parts["predicted_peak"] = MARGIN * sum(parts.values()) + MARGIN_MB
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
+def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision, int]]:
+    """(micro_batch, checkpointing, precision, seq_len) in the order the planner tries them."""
+    out: list[tuple[int, bool, Precision, int]] = []
+    micro = [batch_size]
+    while micro[-1] > 1:
+        micro.append(max(1, micro[-1] // 2))
+    for m in micro:
+        out.append((m, False, Precision.fp32, seq_len))
+    for prec in Precision:
+        out.append((1, True, prec, seq_len))
+    t = seq_len
+    while t // 2 >= MIN_SEQ:
+        t //= 2
+        out.append((1, True, Precision.int8, t))
+    return out
+
+
+def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train: TrainConfig,
+              seq_len: int, model_name: str = "the model") -> Plan:
+    """The first plan of `candidates` whose predicted peak fits `profile.train_memory_mb`."""
+    rank = max(1, min(lora.rank, profile.max_rank))
+    targets = tuple(lora.target_modules)
+    unknown = [x for x in targets if x not in shape.module_dims()]
+    if unknown:
+        raise UserError(f"lora.target_modules {unknown} are not linears of {model_name}; "
+                        f"valid: {', '.join(shape.module_dims())}")
+    last: Plan | None = None
+    for micro, ckpt, prec, t in candidates(train.batch_size, seq_len):
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt)
+        last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
+                    mem, profile.train_memory_mb)
+        if train.batch_size % micro:  # accumulation must cover the batch exactly
+            continue
+        if mem["predicted_peak"] <= profile.train_memory_mb:
+            return last
+    assert last is not None
+    raise UserError(
+        f"{model_name} does not fit profile {profile.name!r}: its budget is {profile.train_memory_mb:.0f} MB "
+        f"for training and the smallest plan (int8 base, micro-batch 1, sequence {last.seq_len}, "
+        f"checkpointing, rank {rank}) needs {last.predicted_peak_mb:.0f} MB "
+        f"(weights {last.memory_mb['weights']:.0f} MB); choose a larger profile or a smaller model"
+    )
+
+
+def shape_of(model_name: str, cache_dir: str = "") -> tuple[ModelShape, Path]:
+    """The shape of a zoo model or folder, from its config.json alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from pocketfed.model.zoo import resolve
+
+    folder, _ = resolve(model_name, cache_dir)
+    return ModelShape.from_config(AutoConfig.from_pretrained(folder)), folder

@@ -1,0 +1,319 @@
+"""The coordinator's state store: one SQLite database plus content-addressed blobs beside it.
+
+    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, FULL sync)
+    <folder>/blobs/ab/abcd..  adapters, server states and device updates, named by their sha256
+    <folder>/uploads/<round>/<device>.part   uploads in progress (resumable)
+
+Crash safety: a blob is written to a temp file, fsynced and renamed to its hash before any row
+names it, and every multi-row change runs in one transaction (`with store.transaction():`), so a
+SIGKILL leaves either the old state or the new one. Blobs nobody names are harmless leftovers.
+
+Everything the round logic needs goes through this module's `Store`; the SQL is plain (no
+SQLite-only features besides the connection set-up) so a PostgreSQL store with the same methods
+can be added later without touching `pocketfed.server.coordinator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+DB_FILE = "state.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, public_key TEXT NOT NULL UNIQUE,
+    registered_at REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS nonces (
+    public_key TEXT NOT NULL, nonce TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (public_key, nonce));
+CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, parent INTEGER NOT NULL, round_id INTEGER, rounds_applied INTEGER NOT NULL,
+    adapter_sha TEXT NOT NULL, state_sha TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY, idx INTEGER NOT NULL, base_version INTEGER NOT NULL,
+    status TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
+    goal INTEGER NOT NULL, target INTEGER NOT NULL, quorum INTEGER NOT NULL,
+    closed_at REAL, reason TEXT, participants TEXT, metrics TEXT, new_version INTEGER);
+CREATE TABLE IF NOT EXISTS assignments (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, assigned_at REAL NOT NULL,
+    PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, blob_sha TEXT NOT NULL, size INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL, metrics TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round_id, device_id));
+"""
+
+
+@dataclass(frozen=True)
+class Version:
+    version: int
+    parent: int
+    round_id: int | None
+    rounds_applied: int
+    adapter_sha: str
+    state_sha: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Round:
+    round_id: int
+    idx: int  # the training round index (= committed rounds before it), what device seeds use
+    base_version: int
+    status: str  # open | committed | aborted
+    opened_at: float
+    deadline: float
+    goal: int
+    target: int
+    quorum: int
+    closed_at: float | None
+    reason: str | None
+    participants: list[str] | None
+    metrics: dict[str, Any] | None
+    new_version: int | None
+
+
+@dataclass(frozen=True)
+class Update:
+    round_id: int
+    device_id: str
+    blob_sha: str
+    size: int
+    num_tokens: int
+    metrics: dict[str, float]
+    received_at: float
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """SQLite + blobs. Thread-safe: one connection behind a re-entrant lock."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "blobs").mkdir(exist_ok=True)
+        (self.folder / "uploads").mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.folder / DB_FILE, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._depth = 0
+        with self.transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(statement)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- transactions ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All statements inside commit together or not at all (nested uses join the outer one)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    # ---- meta -----------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # ---- blobs ----------------------------------------------------------------------------------
+    def blob_path(self, sha: str) -> Path:
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError(f"not a sha256 hex digest: {sha!r}")
+        return self.folder / "blobs" / sha[:2] / sha
+
+    def put_blob(self, data: bytes) -> str:
+        """Write `data` under its sha256 (temp file, fsync, rename); return the hash."""
+        sha = sha256_hex(data)
+        path = self.blob_path(sha)
+        if path.is_file():
+            return sha
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return sha
+
+    def get_blob(self, sha: str) -> bytes:
+        data = self.blob_path(sha).read_bytes()
+        if sha256_hex(data) != sha:
+            raise IOError(f"blob {sha} is corrupt on disk")
+        return data
+
+    def has_blob(self, sha: str) -> bool:
+        try:
+            return self.blob_path(sha).is_file()
+        except ValueError:
+            return False
+
+    # ---- uploads in progress --------------------------------------------------------------------
+    def upload_path(self, round_id: int, device_id: str) -> Path:
+        return self.folder / "uploads" / str(int(round_id)) / f"{device_id}.part"
+
+    # ---- devices and nonces ---------------------------------------------------------------------
+    def add_device(self, device_id: str, public_key: str, now: float) -> None:
+        self._exec("INSERT INTO devices VALUES (?, ?, ?, ?)", (device_id, public_key, now, now))
+
+    def device_by_key(self, public_key: str) -> str | None:
+        rows = self._rows("SELECT device_id FROM devices WHERE public_key = ?", (public_key,))
+        return rows[0][0] if rows else None
+
+    def device_key(self, device_id: str) -> str | None:
+        rows = self._rows("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+        return rows[0][0] if rows else None
+
+    def touch_device(self, device_id: str, now: float) -> None:
+        self._exec("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
+
+    def count_devices(self) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM devices")[0][0])
+
+    def use_nonce(self, public_key: str, nonce: str, ts: float, forget_before: float) -> bool:
+        """Record a request nonce; False if this key already used it (a replay)."""
+        with self.transaction():
+            self._exec("DELETE FROM nonces WHERE ts < ?", (forget_before,))
+            try:
+                self._exec("INSERT INTO nonces VALUES (?, ?, ?)", (public_key, nonce, ts))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    # ---- versions -------------------------------------------------------------------------------
+    def add_version(self, v: Version) -> None:
+        self._exec("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (v.version, v.parent, v.round_id, v.rounds_applied, v.adapter_sha, v.state_sha, v.created_at))
+
+    def latest_version(self) -> Version | None:
+        rows = self._rows("SELECT * FROM versions ORDER BY version DESC LIMIT 1")
+        return Version(*rows[0]) if rows else None
+
+    def is_release_blob(self, sha: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM versions WHERE adapter_sha = ?", (sha,)))
+
+    def version(self, version: int) -> Version | None:
+        rows = self._rows("SELECT * FROM versions WHERE version = ?", (version,))
+        return Version(*rows[0]) if rows else None
+
+    # ---- rounds ---------------------------------------------------------------------------------
+    @staticmethod
+    def _round(row: tuple[Any, ...]) -> Round:
+        r = list(row)
+        r[11] = json.loads(r[11]) if r[11] is not None else None
+        r[12] = json.loads(r[12]) if r[12] is not None else None
+        return Round(*r)
+
+    def add_round(self, idx: int, base_version: int, opened_at: float, deadline: float,
+                  goal: int, target: int, quorum: int) -> int:
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO rounds (idx, base_version, status, opened_at, deadline, goal, target, quorum) "
+                "VALUES (?, ?, 'open', ?, ?, ?, ?, ?)", (idx, base_version, opened_at, deadline, goal, target, quorum))
+            return int(cur.lastrowid or 0)
+
+    def round(self, round_id: int) -> Round | None:
+        rows = self._rows("SELECT * FROM rounds WHERE round_id = ?", (round_id,))
+        return self._round(rows[0]) if rows else None
+
+    def open_round(self) -> Round | None:
+        rows = self._rows("SELECT * FROM rounds WHERE status = 'open' ORDER BY round_id DESC LIMIT 1")
+        return self._round(rows[0]) if rows else None
+
+    def rounds(self, limit: int = 1000) -> list[Round]:
+        rows = self._rows("SELECT * FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))
+        return [self._round(r) for r in reversed(rows)]
+
+    def close_round(self, round_id: int, status: str, now: float, reason: str,
+                    participants: list[str] | None = None, metrics: dict[str, Any] | None = None,
+                    new_version: int | None = None) -> None:
+        n = self._exec(
+            "UPDATE rounds SET status = ?, closed_at = ?, reason = ?, participants = ?, metrics = ?, new_version = ? "
+            "WHERE round_id = ? AND status = 'open'",
+            (status, now, reason, json.dumps(participants) if participants is not None else None,
+             json.dumps(metrics) if metrics is not None else None, new_version, round_id))
+        if n != 1:
+            raise RuntimeError(f"round {round_id} is not open")
+
+    # ---- assignments and updates ----------------------------------------------------------------
+    def assign(self, round_id: int, device_id: str, now: float) -> None:
+        self._exec("INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)", (round_id, device_id, now))
+
+    def assigned(self, round_id: int) -> list[str]:
+        return [r[0] for r in self._rows("SELECT device_id FROM assignments WHERE round_id = ? ORDER BY device_id", (round_id,))]
+
+    def is_assigned(self, round_id: int, device_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)))
+
+    def add_update(self, u: Update) -> None:
+        self._exec("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (u.round_id, u.device_id, u.blob_sha, u.size, u.num_tokens, json.dumps(u.metrics), u.received_at))
+
+    def updates(self, round_id: int) -> list[Update]:
+        rows = self._rows("SELECT * FROM updates WHERE round_id = ? ORDER BY device_id", (round_id,))
+        return [Update(*r[:5], json.loads(r[5]), r[6]) for r in rows]  # type: ignore[arg-type]
+
+    def has_update(self, round_id: int, device_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM updates WHERE round_id = ? AND device_id = ?", (round_id, device_id)))
+
+    def count_updates(self, round_id: int) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,))[0][0])

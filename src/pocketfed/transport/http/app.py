@@ -1,0 +1,247 @@
+"""The coordinator's ASGI app (FastAPI): a thin HTTP skin over `pocketfed.server.coordinator`.
+
+Routes (OpenAPI at /openapi.json, docs at /docs):
+    POST /v1/register                   signed by the key being registered
+    POST /v1/checkin                    signed: eligibility -> a task, or "come back at T"
+    GET  /v1/adapters/{sha256}          signed: a released global adapter (safetensors)
+    GET  /v1/rounds/{id}/upload         signed: bytes received so far (resume point)
+    PUT  /v1/rounds/{id}/upload?offset  signed: one chunk (application/octet-stream)
+    POST /v1/rounds/{id}/commit         signed: size, sha256, tokens, metrics -> recorded
+    GET  /v1/release/latest, /v1/release/key, /v1/status     public
+
+Every refusal is a 4xx with `{"error": code, "detail": sentence}`. Request bodies are capped
+before they are read (`CHUNK_MAX_BYTES` for uploads, `JSON_MAX_BYTES` otherwise). A background
+task ticks the round lifecycle, so deadlines pass even when no device calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pocketfed.server import coordinator as co
+from pocketfed.transport.http import auth, wire
+
+STATUS = {
+    co.UNKNOWN_ROUND: 404, co.ROUND_CLOSED: 409, co.NOT_ASSIGNED: 403, co.DUPLICATE: 409,
+    co.OFFSET_MISMATCH: 409, co.TOO_LARGE: 413, co.TRUNCATED: 400, co.HASH_MISMATCH: 400,
+    co.INVALID_UPDATE: 422, co.NAME_TAKEN: 409, co.KEY_TAKEN: 409,
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": wire.ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422)
+}
+Clock = Callable[[], float]
+
+
+def _error(status: int, code: str, detail: str, received: int | None = None) -> JSONResponse:
+    body = wire.ErrorResponse(error=code, detail=detail, received=received)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
+
+
+class BodyLimit:
+    """Refuse (413) a request body over the limit before the app reads it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = wire.CHUNK_MAX_BYTES if scope["path"].endswith("/upload") else wire.JSON_MAX_BYTES
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _error(413, "body_too_large", f"request body is over {limit} bytes")(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > limit:
+                return await _error(413, "body_too_large", f"request body is over {limit} bytes")(scope, receive, send)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float = 0.5) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(tick_every_s)
+                await run_in_threadpool(co.tick, c, clock())
+
+        task = asyncio.create_task(ticker())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="pocketfed coordinator", version=str(wire.WIRE_VERSION), lifespan=lifespan,
+                  description="Federated LoRA rounds: register, check in, download, upload, commit.")
+    app.add_middleware(BodyLimit)
+    app.state.coordinator = c
+
+    @app.exception_handler(co.Refused)
+    async def refused(_: Request, e: co.Refused) -> JSONResponse:
+        return _error(STATUS[e.code], e.code, e.message, e.extra.get("received"))
+
+    @app.exception_handler(auth.AuthError)
+    async def unauthorized(_: Request, e: auth.AuthError) -> JSONResponse:
+        return _error(401, e.code, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}"[:500])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, f"http_{e.status_code}", str(e.detail))
+
+    # ---- authentication ---------------------------------------------------------------------
+    async def _signed(request: Request) -> auth.SignedRequest:
+        body = await request.body()
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return auth.verify_headers(request.headers, request.method, path_qs, body, clock(),
+                                   c.cfg.deploy.max_clock_skew_s)
+
+    def _fresh(signed: auth.SignedRequest, must_be_known: bool) -> str | None:
+        device = c.store.device_by_key(signed.public_key)
+        if must_be_known and device is None:
+            raise auth.AuthError(auth.UNKNOWN_DEVICE, "no device is registered with this key; register first")
+        horizon = clock() - 2 * c.cfg.deploy.max_clock_skew_s
+        if not c.store.use_nonce(signed.public_key, signed.nonce, signed.timestamp, horizon):
+            raise auth.AuthError(auth.REPLAYED, "this request's nonce was already used (replayed request)")
+        return device
+
+    async def device_id(
+        request: Request,
+        x_pf_key: str | None = Header(None, alias="X-PF-Key", max_length=64),
+        x_pf_timestamp: str | None = Header(None, alias="X-PF-Timestamp", max_length=24),
+        x_pf_nonce: str | None = Header(None, alias="X-PF-Nonce", max_length=32),
+        x_pf_signature: str | None = Header(None, alias="X-PF-Signature", max_length=128),
+    ) -> str:
+        signed = await _signed(request)
+        device = await run_in_threadpool(_fresh, signed, True)
+        assert device is not None
+        return device
+
+    async def threaded(fn: Callable[..., Any], *args: Any) -> Any:
+        return await run_in_threadpool(fn, *args)
+
+    # ---- routes -------------------------------------------------------------------------------
+    @app.post(f"{wire.PREFIX}/register", response_model=wire.RegisterResponse, responses=ERRORS)
+    async def register(
+        req: wire.RegisterRequest, request: Request,
+        x_pf_key: str | None = Header(None, alias="X-PF-Key", max_length=64),
+        x_pf_timestamp: str | None = Header(None, alias="X-PF-Timestamp", max_length=24),
+        x_pf_nonce: str | None = Header(None, alias="X-PF-Nonce", max_length=32),
+        x_pf_signature: str | None = Header(None, alias="X-PF-Signature", max_length=128),
+    ) -> wire.RegisterResponse:
+        """Register a device name with its Ed25519 key; signed by that key (proof of possession)."""
+        signed = await _signed(request)
+        if signed.public_key != req.public_key:
+            raise auth.AuthError(auth.BAD_SIGNATURE, "the request must be signed by the key being registered")
+        await threaded(_fresh, signed, False)
+        return wire.RegisterResponse(device_id=await threaded(co.register, c, req.name, req.public_key, clock()))
+
+    @app.post(f"{wire.PREFIX}/checkin", response_model=wire.CheckinResponse, responses=ERRORS)
+    async def checkin(req: wire.CheckinRequest, device: str = Depends(device_id)) -> wire.CheckinResponse:
+        """Report eligibility; get a task in the open round, or when to come back."""
+        now = clock()
+        e = req.eligibility
+        out = await threaded(co.checkin, c, device, co.Eligibility(e.charging, e.idle, e.unmetered, e.free_memory_mb), now)
+        if isinstance(out, co.Wait):
+            return wire.CheckinResponse(retry_at=out.retry_at, reason=out.reason, done=out.done)
+        manifest, signature = co.manifest_for(c, out.version, now)
+        cfg = c.cfg
+        task = wire.TaskSpec(
+            round_id=out.round_id, round_index=out.idx, seed=out.seed, deadline=out.deadline, model=c.model_id,
+            release=wire.SignedManifest(manifest=manifest, signature=signature),
+            lora=wire.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               target_modules=list(cfg.lora.target_modules)),
+            data=wire.DataSpec(seq_len=cfg.data.seq_len, test_fraction=cfg.data.test_fraction,
+                               min_train_tokens=cfg.data.min_train_tokens),
+            train=wire.TrainSpec(**{k: getattr(cfg.train, k) for k in wire.TrainSpec.model_fields}),
+            codec=cfg.privacy.codec.value,
+            adapter_schema=[wire.TensorSpec(name=k, shape=list(v.shape), dtype="float32") for k, v in c.like.items()],
+            max_upload_bytes=c.max_upload_bytes, chunk_bytes=min(wire.CHUNK_MAX_BYTES, 2**20),
+        )
+        return wire.CheckinResponse(task=task, retry_at=out.deadline, reason="task")
+
+    @app.get(f"{wire.PREFIX}/adapters/{{sha256}}", responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+             response_class=Response)
+    async def adapter(sha256: str = Path(pattern=r"^[0-9a-f]{64}$"), device: str = Depends(device_id)) -> Response:
+        """A released global adapter (safetensors); verify its sha256 against the signed manifest."""
+        if not await threaded(c.store.is_release_blob, sha256):
+            return _error(404, "unknown_adapter", f"no released adapter has sha256 {sha256}")
+        return Response(await threaded(c.store.get_blob, sha256), media_type="application/octet-stream")
+
+    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/upload", response_model=wire.UploadStatus, responses=ERRORS)
+    async def upload_status(round_id: int = Path(ge=0, le=2**62), device: str = Depends(device_id)) -> wire.UploadStatus:
+        """How many bytes of this device's update for the round the server holds (to resume)."""
+        return wire.UploadStatus(received=await threaded(co.upload_received, c, round_id, device, clock()))
+
+    @app.put(
+        f"{wire.PREFIX}/rounds/{{round_id}}/upload", response_model=wire.UploadStatus, responses=ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary", "maxLength": wire.CHUNK_MAX_BYTES}}}}},
+    )
+    async def upload_chunk(request: Request, round_id: int = Path(ge=0, le=2**62),
+                           offset: int = Query(ge=0, le=2**31), device: str = Depends(device_id)) -> wire.UploadStatus:
+        """Append one chunk of the update at `offset` (= bytes received so far)."""
+        body = await request.body()
+        if not body:
+            return _error(400, "empty_chunk", "an upload chunk must hold at least one byte")  # type: ignore[return-value]
+        return wire.UploadStatus(received=await threaded(co.receive_chunk, c, round_id, device, offset, body, clock()))
+
+    @app.post(f"{wire.PREFIX}/rounds/{{round_id}}/commit", response_model=wire.CommitResponse, responses=ERRORS)
+    async def commit(req: wire.CommitRequest, round_id: int = Path(ge=0, le=2**62),
+                     device: str = Depends(device_id)) -> wire.CommitResponse:
+        """Finish an upload: the server checks size, hash, tensor schema and values, then records it."""
+        closed = await threaded(co.commit_upload, c, round_id, device, req.size, req.sha256, req.num_tokens,
+                                dict(req.metrics), clock())
+        return wire.CommitResponse(accepted=True, round_closed=closed)
+
+    @app.get(f"{wire.PREFIX}/release/latest", response_model=wire.SignedManifest)
+    async def latest_release() -> wire.SignedManifest:
+        """The newest global adapter's manifest, freshly signed."""
+        v = await threaded(c.store.latest_version)
+        manifest, signature = co.manifest_for(c, v, clock())
+        return wire.SignedManifest(manifest=manifest, signature=signature)
+
+    @app.get(f"{wire.PREFIX}/release/key", response_model=wire.ReleaseKey)
+    async def release_key() -> wire.ReleaseKey:
+        """The release public key (pin it on devices; better, ship it to them out of band)."""
+        from pocketfed.release.signing import public_hex
+
+        return wire.ReleaseKey(public_key=public_hex(c.release_key))
+
+    @app.get(f"{wire.PREFIX}/status", response_model=wire.StatusResponse)
+    async def status() -> wire.StatusResponse:
+        """Rounds, devices and metrics (counts only: no device names)."""
+        return wire.StatusResponse(**await threaded(co.status, c, clock()))
+
+    return app

@@ -1,0 +1,136 @@
+"""`pocketfed certs | server | device | status`: real federated rounds over HTTPS."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pocketfed.errors import UserError
+
+console = Console()
+
+
+def certs(out: Path = typer.Option(Path("certs"), "--out", "-o", help="Folder to write ca.pem, server.pem and keys into.")) -> None:
+    """A development CA and a server certificate for 127.0.0.1 / localhost."""
+    from pocketfed.transport.http.certs import make_dev_certs
+
+    make_dev_certs(out)
+    console.print(f"wrote {out}/ca.pem (give to devices as --ca) and {out}/server.pem, server.key (--tls {out})")
+
+
+def server(
+    db: Path = typer.Option(Path("state"), "--db", help="State folder (SQLite + blobs); reused on restart."),
+    port: int = typer.Option(8443, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    tls: Optional[Path] = typer.Option(None, "--tls", help="Folder with server.pem and server.key (pocketfed certs)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
+    model: Optional[str] = typer.Option(None, help="Zoo name (smollm2-135m, tiny) or a local HF model folder."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set deploy.goal=20"),
+) -> None:
+    """The coordinator: rounds over HTTPS with state in --db (crash-safe: restart it on the same folder)."""
+    import uvicorn
+
+    from pocketfed.config import load_config, parse_overrides
+    from pocketfed.server.coordinator import open_coordinator
+    from pocketfed.transport.http.app import create_app
+    from pocketfed.transport.http.certs import server_files
+
+    ov = parse_overrides(set_)
+    if model is not None:
+        ov.setdefault("model", {})["name"] = model
+    cfg = load_config(config, ov)
+    ssl: dict[str, Any] = {}
+    if tls is not None:
+        cert, key = server_files(tls)
+        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(f"--host {host} is not loopback: give --tls (plain http is for loopback trials only)")
+
+    def init_params() -> dict:
+        from pocketfed.model import lora
+        from pocketfed.model.zoo import load_base
+
+        base = load_base(cfg.model.name, cfg.model.cache_dir)
+        return lora.get_state(lora.attach(base.model, cfg.lora, seed=cfg.sim.seed))
+
+    t0 = time.perf_counter()
+    coord = open_coordinator(db, cfg, _model_id(cfg.model.name, cfg.model.cache_dir), init_params)
+    latest = coord.store.latest_version()
+    console.print(f"[bold]pocketfed server[/] {'https' if ssl else 'http'}://{host}:{port} state={db} "
+                  f"model={coord.model_id} version={latest.version if latest else 0} "
+                  f"rounds {latest.rounds_applied if latest else 0}/{cfg.sim.rounds} "
+                  f"(ready in {time.perf_counter() - t0:.1f} s)")
+    uvicorn.run(create_app(coord), host=host, port=port, log_level="warning", **ssl)
+
+
+def _model_id(name: str, cache_dir: str) -> str:
+    if name in ("smollm2-135m", "tiny"):  # zoo names are their own ids (no model load on restart)
+        return name
+    from pocketfed.model.zoo import resolve
+
+    return resolve(name, cache_dir)[1]
+
+
+def device(
+    server_url: str = typer.Option(..., "--server", help="Coordinator URL, e.g. https://127.0.0.1:8443."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate that signed the server's (https)."),
+    data: Path = typer.Option(..., "--data", help="Folder of this device's .txt/.md/.jsonl files (never uploaded)."),
+    home: Path = typer.Option(Path("~/.pocketfed"), "--home", help="Identity, installed release and egress ledger."),
+    name: Optional[str] = typer.Option(None, help="Device name to register (default: the data folder's name)."),
+    release_key: Optional[Path] = typer.Option(None, "--release-key", help="Trusted release public key (hex file); "
+                                               "default: pinned on first contact."),
+    threads: int = typer.Option(1, help="Torch threads for training (0 = torch's default)."),
+    max_rounds: int = typer.Option(0, "--max-rounds", help="Stop after this many updates (0 = until training ends)."),
+    patience: float = typer.Option(600.0, help="Give up after the server is unreachable this many seconds."),
+) -> None:
+    """Take part in federated rounds: check in, train on --data locally, upload the update."""
+    from pocketfed.device.runtime import run_device
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind in ("wait", "unreachable"):
+            return
+        console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
+
+    sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event)
+    console.print(f"sent {sent} update{'s' * (sent != 1)}; the egress ledger is {home}/ledger.jsonl")
+
+
+def status(
+    server_url: str = typer.Option(..., "--server", help="Coordinator URL."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (https)."),
+) -> None:
+    """Rounds, devices and metrics of a running coordinator."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from pocketfed.transport.http.client import DeviceClient, Unreachable, connect
+
+    try:
+        s = DeviceClient(connect(server_url, ca), Ed25519PrivateKey.generate()).status()
+    except Unreachable as e:
+        raise UserError(f"cannot reach {server_url}: {e}") from None
+    console.print(f"model {s.model}, {s.strategy}; version {s.version}; rounds {s.rounds_applied}/{s.rounds_planned}"
+                  f"{' (finished)' if s.done else ''}; {s.devices} devices registered")
+    if s.open_round:
+        o = s.open_round
+        console.print(f"open round {o.round_id} (training round {o.idx}): {o.assigned}/{o.target} assigned, "
+                      f"{o.updates}/{o.goal} updates, quorum {o.quorum}, deadline in {o.deadline_in_s:.0f} s")
+    table = Table(title="rounds")
+    for col in ("id", "round", "status", "devices", "train loss", "update norm", "reason"):
+        table.add_column(col)
+    for r in s.rounds:
+        loss, norm = r.metrics.get("train_loss"), r.metrics.get("update_norm")
+        table.add_row(str(r.round_id), str(r.idx), r.status, str(r.devices), f"{loss:.3f}" if loss is not None else "-",
+                      f"{norm:.4f}" if norm is not None else "-", r.reason)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("certs")(certs)
+    app.command("server")(server)
+    app.command("device")(device)
+    app.command("status")(status)

@@ -1,0 +1,164 @@
+"""Typed, versioned HTTP wire messages (pydantic), with limits on every field a peer controls.
+
+Paths carry the version (`/v1/...`); a message carries `wire_version` where a device sends
+state about itself. Tensors never travel as JSON: adapters and updates are safetensors bodies,
+described here by name, shape and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WIRE_VERSION = 1
+PREFIX = "/v1"
+CHUNK_MAX_BYTES = 4 * 2**20  # one upload request's body
+JSON_MAX_BYTES = 64 * 1024  # any other request's body
+
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Hex128 = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
+DeviceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MetricName = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorResponse(Strict):
+    error: str  # a stable code, e.g. "replayed_request"
+    detail: str  # one sentence saying what was wrong
+    received: int | None = None  # for upload errors: the bytes the server holds
+
+
+class RegisterRequest(Strict):
+    name: DeviceName
+    public_key: Hex64  # the device's Ed25519 public key, raw, hex
+    wire_version: Literal[1] = WIRE_VERSION
+
+
+class RegisterResponse(Strict):
+    device_id: str
+
+
+class Eligibility(Strict):
+    charging: bool
+    idle: bool
+    unmetered: bool
+    free_memory_mb: int = Field(ge=0, le=10**7)
+
+
+class CheckinRequest(Strict):
+    eligibility: Eligibility
+    wire_version: Literal[1] = WIRE_VERSION
+
+
+class TensorSpec(Strict):
+    name: str = Field(max_length=512)
+    shape: list[Annotated[int, Field(ge=0, le=2**31)]] = Field(max_length=8)
+    dtype: Literal["float32"]
+
+
+class LoraSpec(Strict):
+    rank: int = Field(ge=1, le=4096)
+    alpha: Finite
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(max_length=64)
+
+
+class DataSpec(Strict):
+    seq_len: int = Field(ge=8, le=2**16)
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    min_train_tokens: int = Field(ge=0)
+
+
+class TrainSpec(Strict):
+    steps: int = Field(ge=0, le=10**6)
+    epochs: float = Field(ge=0.0, le=10**4)
+    batch_size: int = Field(ge=1, le=4096)
+    lr: Finite
+    weight_decay: Finite
+    max_grad_norm: Finite
+    prox_mu: Finite
+
+
+class SignedManifest(Strict):
+    manifest: dict[str, int | float | str]  # pocketfed.release.signing.Manifest fields
+    signature: Hex128
+
+
+class TaskSpec(Strict):
+    round_id: int
+    round_index: int  # training round index (what the seed is derived from)
+    seed: int = Field(ge=0, lt=2**63)
+    deadline: float
+    model: str = Field(max_length=512)  # base model id (zoo name)
+    release: SignedManifest  # of the global adapter to start from
+    lora: LoraSpec
+    data: DataSpec
+    train: TrainSpec
+    codec: Literal["float32", "float16", "int8"]
+    adapter_schema: list[TensorSpec] = Field(max_length=10_000)
+    max_upload_bytes: int
+    chunk_bytes: int
+
+
+class CheckinResponse(Strict):
+    task: TaskSpec | None = None
+    retry_at: float  # come back at this time (unix seconds) when there is no task
+    reason: str = ""
+    done: bool = False  # training is finished; the device can stop
+
+
+class UploadStatus(Strict):
+    received: int  # bytes the server holds of this device's upload for the round
+
+
+class CommitRequest(Strict):
+    size: int = Field(ge=1, le=2**31)
+    sha256: Hex64
+    num_tokens: int = Field(ge=1, le=10**10)
+    metrics: dict[MetricName, Finite] = Field(default_factory=dict, max_length=16)
+
+
+class CommitResponse(Strict):
+    accepted: bool
+    round_closed: bool
+
+
+class ReleaseKey(Strict):
+    public_key: Hex64
+
+
+class OpenRound(Strict):
+    round_id: int
+    idx: int
+    assigned: int
+    updates: int
+    goal: int
+    target: int
+    quorum: int
+    deadline_in_s: float
+
+
+class RoundInfo(Strict):
+    round_id: int
+    idx: int
+    status: str
+    reason: str
+    devices: int
+    metrics: dict[str, Any]
+
+
+class StatusResponse(Strict):
+    model: str
+    strategy: str
+    version: int
+    rounds_applied: int
+    rounds_planned: int
+    done: bool
+    devices: int
+    open_round: OpenRound | None
+    rounds: list[RoundInfo]
