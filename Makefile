@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
-demo: install
+demo: install  # a fresh run each time: the previous runs/demo is replaced
+	rm -rf runs/demo
 	$(VENV)/bin/pocketfed simulate --config configs/shakespeare-smollm2.yaml --out runs/demo
 
 test: install

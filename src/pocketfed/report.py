@@ -17,6 +17,8 @@ def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     rounds = [r["round"] + 1 for r in history if r.get("heldout")]
     ppl = [r["heldout"]["perplexity"] for r in history if r.get("heldout")]
+    if rounds and summary.get("base", {}).get("heldout"):  # round 0 is the base model
+        rounds, ppl = [0] + rounds, [summary["base"]["heldout"]["perplexity"]] + ppl
     if rounds:
         ax1.plot(rounds, ppl, marker="o", label="federated (global adapter)")
     if summary.get("base", {}).get("heldout"):
@@ -24,6 +26,7 @@ def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     if summary.get("centralized", {}).get("heldout"):
         ax1.axhline(summary["centralized"]["heldout"]["perplexity"], color="green", ls=":", label="centralized")
     ax1.set_xlabel("round")
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set_ylabel("held-out perplexity")
     ax1.set_title("Held-out devices (never trained on)")
     ax1.legend()
@@ -32,6 +35,9 @@ def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     vals = [summary[v]["perplexity"] for v in names]
     bars = ax2.bar(names, vals, color=["grey", "tab:blue", "tab:orange", "tab:red", "tab:green"][: len(names)])
     ax2.bar_label(bars, fmt="%.1f")
+    if vals:  # zoom on the differences: perplexities of the variants are close
+        lo, hi = min(vals), max(vals)
+        ax2.set_ylim(max(0.0, lo - 0.6 * (hi - lo) - 0.02 * lo), hi + 0.15 * (hi - lo) + 0.02 * hi)
     ax2.set_ylabel("perplexity on own test splits")
     ax2.set_title("Trained devices, their own later lines")
     fig.suptitle(f"pocketfed: {summary.get('model', '')} on {summary.get('dataset', '')}")
