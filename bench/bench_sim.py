@@ -72,8 +72,9 @@ def throughput() -> list[dict[str, Any]]:
 
 
 ROUND_SCRIPT = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
+from pocketfed.memory import peak_rss_mb
 from pocketfed.config import load_config
 from pocketfed.simulate import simulate
 cfg = load_config(None, {"model": {"name": sys.argv[1]}, "data": {"seq_len": 64, "min_train_tokens": 2000},
@@ -81,7 +82,7 @@ cfg = load_config(None, {"model": {"name": sys.argv[1]}, "data": {"seq_len": 64,
                          "eval": {"every_round": False, "variants": []}})
 res = simulate(cfg, Path(sys.argv[3]))
 row = res.history[0]
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"peak_rss_mb": peak_rss_mb(),
                   "round_seconds": row["seconds"], "train_seconds": res.summary["train_seconds"],
                   "bytes_up": res.summary["bytes_up_per_device_round"], "model_bytes": res.summary["model_bytes"]}))
 """

@@ -4,7 +4,7 @@
          -> train with micro-batches and gradient accumulation (checkpointing if planned)
          -> measured peak memory, tokens/s, estimated energy
 
-Peak memory is the process's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) minus the runtime floor
+Peak memory is the process's peak RSS (VmHWM) minus the runtime floor
 (the RSS once the interpreter, torch, transformers and PEFT are imported, before any weight):
 the working set that the profile's budget and the planner's prediction are about. Both numbers
 are reported. Run one round per process for a clean figure:
@@ -31,6 +31,7 @@ from pocketfed.device.lowmem import Precision, load_frozen
 from pocketfed.device.planner import ModelShape, Plan, make_plan, predict_mb
 from pocketfed.device.profiles import DeviceProfile, get_profile
 from pocketfed.device.trainer import batches, lm_loss
+from pocketfed.memory import peak_rss_mb
 from pocketfed.model import lora as lora_mod
 
 
@@ -38,10 +39,6 @@ def rss_mb() -> float:
     """The current resident set, MB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / (1 << 20)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def plain_plan(shape: ModelShape, profile: str, lora: LoraConfig, train: TrainConfig, seq_len: int) -> Plan:

@@ -12,7 +12,6 @@ Definitions (greedy, batch 1, intra-op threads as in runtime.model):
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pocketfed.memory import peak_rss_mb
 from pocketfed.runtime.model import LoadedModel, Session, load
 from pocketfed.runtime.suggest import SUGGEST_CACHE, suggest
 
@@ -130,13 +130,3 @@ def measure_model(model: Any, contexts: tuple[int, ...] = (128, 1024),
     return row
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process. Not ru_maxrss: Linux keeps that high-water mark across execve, so a
-    child started by a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
