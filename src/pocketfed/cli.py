@@ -144,20 +144,23 @@ def data_stats(
 
 
 def _register_extensions() -> None:
-    """Commands of other areas (privacy, release) register themselves when present."""
-    import importlib
+    """Each area adds its own commands (privacy, export/runtime, server/device, budgets)."""
+    from pocketfed.device import cli as device_cli
+    from pocketfed.privacy import cli as privacy_cli
+    from pocketfed.release import cli as release_cli
+    from pocketfed.transport.http import cli as http_cli
 
-    for mod in ("pocketfed.privacy.cli", "pocketfed.release.cli", "pocketfed.transport.http.cli", "pocketfed.device.cli"):
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
+    for module in (privacy_cli, release_cli, http_cli, device_cli):
         module.register(app)
 
 
 def main() -> None:
+    import os
+    import warnings
+
+    # The CLI shows its own rich progress; library progress bars and deprecation chatter are noise here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     _register_extensions()
     try:
         app(standalone_mode=False)
