@@ -273,20 +273,25 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; `what` names it in errors ("config file"), `shape` says what it maps."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what} {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {str(p)!r} must hold a mapping of {shape}, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, then the YAML file at `path`, then `overrides` (a nested dict)."""
     cfg = RunConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
-        _apply(cfg, data, "")
+        _apply(cfg, read_yaml_mapping(path, "config file", "sections"), "")
     if overrides:
         _apply(cfg, overrides, "")
     validate(cfg)

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from pocketfed.config import read_yaml_mapping
 from pocketfed.errors import UserError
 
 
@@ -117,17 +117,9 @@ def load_profiles(path: str | Path = "") -> dict[str, DeviceProfile]:
     out = dict(BUILTIN)
     if not path:
         return out
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"profiles file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"profiles file {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"profiles file {str(p)!r} must map profile names to their fields")
+    data = read_yaml_mapping(path, "profiles file", "profile names to their fields")
     for name, fields in data.items():
-        out[str(name)] = _from_mapping(str(name), fields, str(p))
+        out[str(name)] = _from_mapping(str(name), fields, str(Path(path).expanduser()))
     return out
 
 
