@@ -29,7 +29,8 @@ def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.set_ylabel("held-out perplexity")
     ax1.set_title("Held-out devices (never trained on)")
-    ax1.legend()
+    if ax1.get_legend_handles_labels()[0]:  # nothing to label when per-round evaluation was off
+        ax1.legend()
 
     names = [v for v in VARIANTS if v in summary]
     vals = [summary[v]["perplexity"] for v in names]
