@@ -1,15 +1,18 @@
 """Peak memory and speed of one local training round of SmolLM2-135M under each device profile.
 
 Each case runs in its own process (`python -m pocketfed.device.fit`), so the peak is that round's
-own: `ru_maxrss` of the child. Reported per case:
-    working_set_mb   peak RSS minus the RSS once Python, torch, transformers and PEFT are imported
-                     (what the profile's budget and the planner's prediction are about)
-    peak_rss_mb      the child's whole peak RSS, runtime included (~390 MB of it is the runtime)
-    predicted_mb     the planner's prediction of the working set
-    tokens_per_s     training tokens per second on this machine (shared CPU: noisy)
-Cases: plain fp32 LoRA (rank 8, batch 4 x 128 tokens, no plan: the reference), then the plans
-for `car`, `phone`, `watch` and the example `glasses` profile (configs/profiles/example.yaml,
-300 MB, which needs the int8 base). The tokens are a Shakespeare role's own text.
+own: the child's VmHWM. Reported per case:
+    peak_rss_mb      the child's whole-process peak RSS, interpreter and torch included: what the
+                     profile's budget and the planner's prediction are about (within_budget uses it)
+    predicted_mb     the planner's prediction of that peak (none for the transformers + PEFT reference)
+    runtime_floor_mb RSS once everything is imported, before any weight (lean path ~223 MB: torch;
+                     transformers + PEFT path ~380 MB)
+    tokens_per_s     training tokens per second on this machine (shared CPU: noisy; compare the
+                     lean and PEFT plain rows, run back to back)
+Cases: plain fp32 LoRA (rank 8, batch 4 x 128 tokens, no plan) on transformers + PEFT as the
+simulator runs it (the reference) and on the lean device path (`pocketfed.device.leanmodel`), then
+the plans for `phone`, `watch` and the example `glasses` profile (configs/profiles/example.yaml),
+all on the lean path. The tokens are a Shakespeare role's own text.
 
 Run alone: `.venv/bin/python bench/bench_budget.py`; `run()` returns the rows for bench/run.py.
 """
@@ -26,9 +29,10 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 1  # one optimizer step of batch 4: a round's memory peak is reached in its first step
+STEPS = 2  # two optimizer steps of batch 4: the second step runs with the optimizer state and allocator as they stay
 CASES: list[tuple[str, list[str]]] = [
-    ("plain fp32 LoRA", ["--plain"]),
+    ("plain fp32 LoRA, transformers + PEFT", ["--plain", "--path", "peft"]),
+    ("plain fp32 LoRA, lean", ["--plain"]),
     ("phone", ["--profile", "phone"]),
     ("watch", ["--profile", "watch"]),
     ("glasses (example.yaml)", ["--profile", "glasses", "--profiles-file", str(ROOT / "configs/profiles/example.yaml")]),
@@ -59,14 +63,14 @@ def _case(name: str, flags: list[str], tokens: Path) -> dict[str, Any]:
     if "error" in r:
         return {"case": name, "refused": r["error"]}
     p = r["plan"]
+    budget = p["budget_mb"] if p["budget_mb"] != float("inf") else None
     return {
-        "case": name,
+        "case": name, "path": r["path"],
         "precision": p["precision"], "rank": p["rank"], "micro_batch_x_accum": f"{p['micro_batch']}x{p['grad_accum']}",
-        "seq_len": p["seq_len"], "checkpointing": p["checkpointing"],
-        "budget_mb": p["budget_mb"] if p["budget_mb"] != float("inf") else None,
-        "predicted_mb": r["predicted_mb"], "working_set_mb": r["working_set_mb"],
-        "runtime_floor_mb": r["runtime_floor_mb"], "peak_rss_mb": r["peak_rss_mb"],
-        "within_budget": (r["working_set_mb"] <= p["budget_mb"]) if p["budget_mb"] != float("inf") else None,
+        "seq_len": p["seq_len"], "checkpointing": p["checkpointing"], "budget_mb": budget,
+        "peak_rss_mb": r["peak_rss_mb"], "predicted_mb": r["predicted_mb"] if r["path"] == "lean" else None,
+        "within_budget": (r["peak_rss_mb"] <= budget) if budget is not None else None,
+        "runtime_floor_mb": r["runtime_floor_mb"],
         "tokens_per_s": r["tokens_per_s"], "load_s": r["load_seconds"],
         "energy_j_per_step": round(r["energy"]["joules"] / STEPS, 2) if "--plain" not in flags else None,
     }

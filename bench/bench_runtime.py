@@ -8,8 +8,10 @@ subprocess (peak RSS = VmHWM of that process alone). Metrics (see pocketfed.runt
 decode tok/s at 128 and 1,024 tokens of context, time to first token for a 64-token prompt, suggest
 latency p50/p95 while "typing" a sentence, peak RSS, size on disk, and Hamlet perplexity over 2,000
 tokens (500-token windows) relative to the fp32 merged model. Torch uses the same thread count as
-the ONNX runtime, so the comparison is like for like. Without a trained run, the adapter is a
-LoRA adapter with small random B (said in each row's notes).
+the ONNX runtime, so the comparison is like for like. The run is RUN_DIR, else runs/demo when it
+holds a trained adapter; with neither, the adapter is a LoRA adapter with small random B (said in
+each row's notes). With a trained run, a last row gives the personalization gain (a device's own
+test-split perplexity, personal vs global adapter) in fp32 and after the onnx-int4 export.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+DEMO_RUN = "runs/demo"  # used when present and no run is given
 TEXT_OFFSET = 30_000  # characters into Hamlet: past the front matter
 
 
@@ -115,7 +118,7 @@ def _child_transformers(run_dir: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     run = read_run(run_dir)
     base = load_base_for(run)
-    model = merge(base.model, run.adapters)
+    model = merge(base.model, run.applied)
     tm = _TorchModel(model, base.tokenizer)
     row = measure_model(tm, new_session=lambda n: _TorchSession(model))
     ids = tm.encode(hamlet_text())[:2000]
@@ -184,9 +187,67 @@ def _child_llama_cpp(gguf_path: str, threads: int) -> dict[str, Any]:  # runs on
     return row
 
 
+def _child_personal(run_dir: str, threads: int) -> dict[str, Any]:
+    """Personalization gain before and after int4: one device (the largest train split of the first
+    PERSONAL_CANDIDATES), a personal adapter = global + eval.personalize_steps local steps on its train
+    split (as `simulate`'s "personalized" variant), perplexity on its own test split (<= 1,024 tokens)."""
+    import math
+
+    import torch
+    from peft import PeftModel
+
+    from pocketfed.data.federated import load_dataset
+    from pocketfed.device.personal import save_personal, train_personal
+    from pocketfed.model import lora
+    from pocketfed.release.export import export
+    from pocketfed.release.merge import load_base_for, merge, read_run
+    from pocketfed.runtime import load
+    from pocketfed.runtime.bench import perplexity_ids
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="pocketfed-bench-personal-"))
+    run = read_run(run_dir)
+    cfg = run.config
+    base = load_base_for(run)
+    data = load_dataset(cfg.data, base.tokenizer)
+    candidates = data.device_ids[:PERSONAL_CANDIDATES]
+    device = max(zip(data.train_token_counts(candidates), candidates))[1]
+    own = data.device(device)
+    model = PeftModel.from_pretrained(base.model, str(run.run_dir / "adapter"), is_trainable=True)
+    state = train_personal(model, lora.get_state(model), own.train, cfg.train, seed=0, steps=cfg.eval.personalize_steps)
+    save_personal(model, state, work)
+    ids = own.test.input_ids[own.test.mask].tolist()[:1024]
+
+    window = cfg.data.seq_len  # scored in independent windows, like the run's own evaluation blocks
+
+    def torch_ppl(m: Any) -> float:
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(ids) - 1, window):
+                chunk = torch.tensor([ids[start:start + window + 1]])
+                logits = m(chunk).logits[0, :-1].double()
+                nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+                count += chunk.shape[1] - 1
+        return math.exp(nll / count)
+
+    row: dict[str, Any] = {"device": device, "test_tokens": len(ids), "window": window, "steps": cfg.eval.personalize_steps}
+    for tag, personal in (("global", None), ("personal", work / "personal_adapter")):
+        fp32 = merge(load_base_for(run).model, read_run(run_dir, personal).applied)
+        row[f"fp32_ppl_{tag}"] = round(torch_ppl(fp32), 3)
+        del fp32
+        folder = export(run_dir, "onnx-int4", work / f"int4-{tag}", personal=personal)
+        row[f"int4_ppl_{tag}"] = round(perplexity_ids(load(folder, threads=threads), ids, window=window), 3)
+    for kind in ("fp32", "int4"):
+        row[f"gain_{kind}"] = f"{100 * (1 - row[f'{kind}_ppl_personal'] / row[f'{kind}_ppl_global']):+.1f}%"
+    return row
+
+
+PERSONAL_CANDIDATES = 40
+
+
 def _in_subprocess(kind: str, path: str, threads: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", kind, path, str(threads)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -197,6 +258,9 @@ def run(run_dir: str | None = None) -> list[dict]:
     from pocketfed.runtime.model import INTRA_OP_THREADS
 
     work = Path(tempfile.mkdtemp(prefix="pocketfed-bench-runtime-"))
+    if run_dir is None and Path(DEMO_RUN, "adapter").is_dir():
+        run_dir = DEMO_RUN
+    trained = run_dir is not None
     notes = "trained adapter from " + str(run_dir) if run_dir else "LoRA adapter with small random B (no trained run)"
     if run_dir is None:
         run_dir = str(_random_adapter_run(work / "run"))
@@ -211,6 +275,9 @@ def run(run_dir: str | None = None) -> list[dict]:
     if importlib.util.find_spec("llama_cpp") is not None:
         folder = export(run_dir, "gguf-q4_0", work / "gguf-q4_0")
         rows.append({"runtime": "llama.cpp gguf-q4_0"} | _in_subprocess("llama_cpp", str(folder / "model.gguf"), threads))
+    if trained:
+        gain = _in_subprocess("personal", run_dir, threads)
+        rows.append({"runtime": "personalization gain (own test split ppl, personal vs global)", "notes": json.dumps(gain)})
     ref = fp32.get("perplexity")
     for row in rows:
         row["threads"] = threads
@@ -223,7 +290,8 @@ def run(run_dir: str | None = None) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, path, threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
-        child = {"transformers": _child_transformers, "onnx": _child_onnx, "llama_cpp": _child_llama_cpp}[kind]
+        child = {"transformers": _child_transformers, "onnx": _child_onnx, "llama_cpp": _child_llama_cpp,
+                 "personal": _child_personal}[kind]
         print(json.dumps(child(path, threads)))
     else:
         start = time.time()

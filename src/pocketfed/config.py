@@ -145,6 +145,8 @@ class DeployConfig:
     manifest_ttl_s: float = 86400.0  # a release manifest expires (freeze protection) after this
     max_clock_skew_s: float = 300.0  # signed requests older or newer than this are refused
     max_upload_mb: float = 64.0  # largest update a device may upload
+    secagg_stage_s: float = 60.0  # with privacy.secagg: each stage after advertise (share, masked, unmask) lasts this long
+    population: int = 0  # devices that may take part; DP accounts sample rate goal / population (0 = unknown: rate 1)
 
 
 class Availability(str, enum.Enum):
@@ -330,6 +332,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.deploy.manifest_ttl_s > 0 and cfg.deploy.max_clock_skew_s > 0,
          "deploy.manifest_ttl_s and deploy.max_clock_skew_s must be positive"),
         (cfg.deploy.max_upload_mb > 0, "deploy.max_upload_mb must be positive"),
+        (cfg.deploy.secagg_stage_s > 0, "deploy.secagg_stage_s must be positive"),
+        (cfg.deploy.population >= 0, "deploy.population must be 0 (unknown) or positive"),
         (0.0 <= cfg.device.dropout < 1.0, "device.dropout must be in [0, 1)"),
         (cfg.device.max_round_seconds >= 0 and cfg.device.max_round_battery_pct >= 0,
          "device.max_round_seconds and device.max_round_battery_pct must be 0 (none) or positive"),

@@ -1,10 +1,15 @@
 """The device's egress ledger: nothing leaves the device unless it is checked and written down first.
 
-`check_and_record` is the only door out. It accepts two kinds of message:
+`check_and_record` is the only door out. It accepts these kinds of message:
 - "update":  a model update whose tensor names, shapes and dtypes equal the task's adapter schema
              ({name: (shape, dtype)}), encoded as safetensors;
 - "metrics": scalar metrics whose names are in `ALLOWED_METRICS` and whose values are real,
-             finite numbers (a string would be a metric that carries text), encoded as JSON.
+             finite numbers (a string would be a metric that carries text), encoded as JSON;
+- the secure-aggregation messages (`pocketfed.transport.secagg_wire`), each a set of named
+  fixed-size arrays checked against the schema of its protocol step exactly like an update:
+  "secagg_keys" (two X25519 public keys), "secagg_shares" (one sealed Shamir-share pair per
+  neighbour), "masked_update" (the update, clipped, fixed-point and masked mod 2^k), and
+  "unmask_shares" (the shares the server may see), encoded as safetensors.
 Anything else is refused, "personal_adapter" above all: a private personal adapter never leaves.
 It returns the exact bytes to send, after appending to `<home>/ledger.jsonl` one JSON line with
 time, destination, kind, byte count, sha256 and the tensor names/shapes (or metric values). A
@@ -28,11 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import numpy as np
+from safetensors.numpy import save as numpy_save
 from safetensors.torch import save as safetensors_save
 
 LEDGER_FILE = "ledger.jsonl"
 UPDATE, METRICS, REFUSAL = "update", "metrics", "refusal"
-ALLOWED_KINDS = (UPDATE, METRICS)
+SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, UNMASK_SHARES = "secagg_keys", "secagg_shares", "masked_update", "unmask_shares"
+SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, UNMASK_SHARES)
+ALLOWED_KINDS = (UPDATE, METRICS, *SECAGG_KINDS)
 ALLOWED_METRICS = frozenset({
     "num_tokens", "num_examples", "loss", "train_loss", "eval_loss", "perplexity", "steps",
     "wall_seconds", "energy_j", "peak_memory_mb", "unclipped",
@@ -57,16 +66,16 @@ def _append(home: Path, entry: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def _dtype_name(t: torch.Tensor) -> str:
+def _dtype_name(t: torch.Tensor | np.ndarray) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _check_update(payload: Mapping[str, Any], schema: Schema) -> list[list[Any]]:
+def _check_update(payload: Mapping[str, Any], schema: Schema, array: type = torch.Tensor) -> list[list[Any]]:
     for name, tensor in payload.items():
         if name not in schema:
             raise EgressRefused(f"tensor {name!r} is not in the task's adapter schema")
-        if not isinstance(tensor, torch.Tensor):
-            raise EgressRefused(f"tensor {name!r} is a {type(tensor).__name__}, not a tensor")
+        if not isinstance(tensor, array):
+            raise EgressRefused(f"tensor {name!r} is a {type(tensor).__name__}, not a {array.__name__}")
         shape, dtype = schema[name]
         if tuple(tensor.shape) != tuple(shape) or _dtype_name(tensor) != dtype:
             raise EgressRefused(f"tensor {name!r} is {tuple(tensor.shape)} {_dtype_name(tensor)}; "
@@ -96,9 +105,10 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
                      schema: Schema) -> bytes:
     """Check an outbound message, record it, and return the exact bytes to send.
 
-    Raises EgressRefused (after recording the refusal) for any kind but "update" and "metrics",
-    a tensor outside the schema (name, shape or dtype), or a metric outside the allow-list or
-    not a finite number.
+    Raises EgressRefused (after recording the refusal) for any kind outside `ALLOWED_KINDS`,
+    a tensor or array outside the schema (name, shape or dtype), or a metric outside the
+    allow-list or not a finite number. For the secure-aggregation kinds `schema` is the step's
+    (`pocketfed.transport.secagg_wire.*_schema`) and the arrays are numpy arrays.
     """
     home = Path(home)
     try:
@@ -107,6 +117,9 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
         if kind == UPDATE:
             described: dict[str, Any] = {"tensors": _check_update(payload, schema)}
             data = safetensors_save({n: payload[n].detach().contiguous().cpu() for n in sorted(payload)})
+        elif kind in SECAGG_KINDS:
+            described = {"arrays": _check_update(payload, schema, np.ndarray)}
+            data = numpy_save({n: np.ascontiguousarray(payload[n]) for n in sorted(payload)})
         elif kind == METRICS:
             metrics = _check_metrics(payload)
             described = {"metrics": metrics}
@@ -136,8 +149,15 @@ class Summary:
     def sentence(self) -> str:
         if self.messages == 0:
             head = "0 messages, 0 bytes; nothing left this device"
-        elif set(self.by_kind) <= set(ALLOWED_KINDS):
+        elif set(self.by_kind) <= {UPDATE, METRICS}:
             head = (f"{self.messages} messages, {self.bytes} bytes, all model updates and metrics; "
+                    f"no raw data left this device")
+        elif set(self.by_kind) <= set(ALLOWED_KINDS):
+            parts = [label for kinds, label in (
+                ({UPDATE}, "model updates"), ({MASKED_UPDATE}, "model updates (masked)"),
+                ({SECAGG_KEYS, SECAGG_SHARES, UNMASK_SHARES}, "key-agreement messages"), ({METRICS}, "metrics"),
+            ) if kinds & set(self.by_kind)]
+            head = (f"{self.messages} messages, {self.bytes} bytes: {', '.join(parts)}; "
                     f"no raw data left this device")
         else:
             odd = sorted(set(self.by_kind) - set(ALLOWED_KINDS))

@@ -10,7 +10,10 @@ chunk into its destination:
            W[o, :] ~= scale[o] * Q[o, :],  scale[o] = max_i |W[o, i]| / 127,  Q = round(W / scale);
            dequantized on the fly in forward *and* backward (nothing dequantized is kept for
            backward); embeddings, the LM head and norms in bfloat16   (~1 byte / weight)
-So the peak while loading is the destination model plus one chunk.
+So the peak while loading is the destination model plus one chunk. `fill` does this for any model
+built on the meta device whose parameter names are the file's (the lean model of
+`pocketfed.device.leanmodel`, which the device trains with); `load_frozen` builds a transformers
+model that way (the reference path; transformers is imported only there).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import enum
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHUNK_BYTES = 1 << 20
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -109,19 +115,19 @@ def _read_into(f, info: dict, start: int, dest: torch.Tensor, quant_scale: torch
             flat[r0 : r0 + n] = chunk.to(dest.dtype)
 
 
-def load_frozen(folder: Path, precision: Precision) -> PreTrainedModel:
-    """The model of `folder` (HF config + model.safetensors) in `precision`, eval mode, frozen."""
-    config = AutoConfig.from_pretrained(folder)
-    dtype = precision.compute_dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if precision is Precision.int8:
-        for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if child_name in INT8_MODULES and type(child) is nn.Linear:
-                    setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
-    header, start = read_header(folder / "model.safetensors")
-    with open(folder / "model.safetensors", "rb") as f:
+def quantize_linears(model: nn.Module) -> None:
+    """Swap the decoder's frozen linears (INT8_MODULES) for meta Int8Linear shells, before `fill`."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in INT8_MODULES and type(child) is nn.Linear:
+                setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
+
+
+def fill(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """Read every tensor of the safetensors file `path` into `model` (built on meta), chunk by chunk:
+    Int8Linear weights are quantized per row, everything else is stored in `dtype`. Frozen."""
+    header, start = read_header(path)
+    with open(path, "rb") as f:
         for name, info in header.items():
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name)
@@ -136,6 +142,19 @@ def load_frozen(folder: Path, precision: Precision) -> PreTrainedModel:
                 t = torch.empty(shape, dtype=dtype)
                 _read_into(f, info, start, t, None)
                 setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+
+
+def load_frozen(folder: Path, precision: Precision) -> PreTrainedModel:
+    """The transformers model of `folder` (HF config + model.safetensors) in `precision`, eval mode, frozen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    dtype = precision.compute_dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if precision is Precision.int8:
+        quantize_linears(model)
+    fill(model, folder / "model.safetensors", dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     # Non-persistent buffers (rotary inverse frequencies) were made on meta: rebuild those modules.

@@ -3,23 +3,29 @@
 A plan fixes the LoRA rank and target modules, the micro-batch and gradient accumulation
 (micro_batch * grad_accum = the configured batch), the sequence length, activation checkpointing
 and the precision of the frozen base (fp32, bf16, or int8 dequantized on the fly; see
-`pocketfed.device.lowmem`). Its predicted peak is the working set of one training round on top of
-the runtime (the profile's budget means the same):
+`pocketfed.device.lowmem`). Its predicted peak is the peak RSS of the whole training process as
+`pocketfed.device.fit` runs it on the lean path (`pocketfed.device.leanmodel`); the profile's
+budget means the same:
 
+    runtime      RUNTIME_MB = 225: CPython + torch + pocketfed's device modules, resident before any
+                 weight (measured VmHWM: 223 MB, of which `import torch` is 223)
     weights      fp32: 4 P   bf16: 2 P   int8: 1 byte x decoder linears + 4 bytes x their rows
                  + 2 bytes x (embeddings, head, norms)
     adapter      16 bytes x LoRA params (fp32 weight, gradient, AdamW m and v)
-    activations  without checkpointing, every layer keeps its activations for backward:
-                     L x b T [e (6 h + 2 q + 2 kv + 3 i) + 4 h n_t] + L x e b H T^2
-                 with checkpointing, each layer keeps its input and one layer is live at a time:
-                     L x b T h e  +  one layer as above
-    logits       b T V (e + 24): the logits and ~6 float32 tensors of their size (the float copy,
-                 log-softmax, gradients) live at the peak of the loss's backward
-    margin       x 1.15 + 24 MB (allocator slack, data, small tensors)
+    activations  without checkpointing, every layer keeps for backward
+                     L x b T [e (3 h + 2 q + 2 kv + 3 i) + 4 h n_t [e = 2]]
+                 (SDPA's fused kernel keeps no T x T matrix); with checkpointing, each layer keeps
+                 its input and one layer is live at a time:  L x b T h e  +  one layer as above
+    logits       the loss runs over chunks of C = leanmodel.LOSS_CHUNK positions: one live chunk
+                 C V (e + 24) (logits, their float copy, log-softmax, gradients), plus, without
+                 checkpointing, the float32 log-probabilities of every position: b T V 4
+    margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data)
 with P weights, L layers, h hidden, i intermediate, q = H d (query width), kv = H_kv d, V vocab,
 b micro-batch, T sequence, e the compute dtype's bytes (4 or 2), n_t LoRA targets per layer
-(their float32 input copies). The coefficients were fitted to measured runs of SmolLM2-135M and
-`tiny` (bench/bench_budget.py) so that the prediction stays an upper bound.
+(their float32 input copies when the base computes in bf16). The coefficients were fitted to
+measured runs of SmolLM2-135M and `tiny` (bench/bench_budget.py) so that the prediction stays an
+upper bound: measured / predicted was 0.84-0.96 over fp32, bf16 and int8, with and without
+checkpointing, micro-batches 1-4, sequences 32-128.
 
 Search (the first plan that fits wins; each move costs a little more time or quality than the
 last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on -> bf16 base ->
@@ -30,18 +36,22 @@ before any of this. Nothing fits -> UserError naming the profile, the budget and
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pocketfed.config import LoraConfig, TrainConfig
+from pocketfed.device.leanmodel import LOSS_CHUNK
 from pocketfed.device.lowmem import INT8_MODULES, Precision
 from pocketfed.device.profiles import DeviceProfile
 from pocketfed.errors import UserError
 
 MB = 1 << 20
 MIN_SEQ = 32
-MARGIN, MARGIN_MB = 1.15, 24.0
+MARGIN, MARGIN_MB = 1.10, 32.0
+RUNTIME_MB = 225.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,15 @@ class ModelShape:
             )
         except AttributeError as e:
             raise UserError(f"the planner understands Llama-shaped decoders; this config lacks {e.name!r}") from None
+
+    @staticmethod
+    def from_folder(folder: Path) -> "ModelShape":
+        """The shape from the folder's config.json alone (no transformers, no weights)."""
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not read {folder / 'config.json'}: {e}") from None
+        return ModelShape.from_config(SimpleNamespace(**config))
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear of one decoder layer."""
@@ -111,7 +130,7 @@ class Plan:
     grad_accum: int
     seq_len: int
     checkpointing: bool
-    memory_mb: dict[str, float]  # weights, adapter, activations, logits, predicted_peak
+    memory_mb: dict[str, float]  # weights, adapter, activations, logits, runtime, predicted_peak (whole process)
     budget_mb: float
 
     @property
@@ -131,7 +150,7 @@ class Plan:
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
                micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
-    """The predicted working set of one training round, in MB, by part (see the module docstring)."""
+    """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
     e = 4 if precision is Precision.fp32 else 2
     if precision is Precision.fp32:
         weights = 4 * shape.params
@@ -144,11 +163,12 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     b, t, h = micro_batch, seq_len, shape.hidden
     q, kv, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     n_t = len([x for x in targets if x in shape.module_dims()])
-    layer = b * t * (e * (6 * h + 2 * q + 2 * kv + 3 * i) + 4 * h * n_t) + e * b * shape.heads * t * t
+    layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
     activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
-    logits = b * t * shape.vocab * (e + 24)
+    logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
-    parts["predicted_peak"] = MARGIN * sum(parts.values()) + MARGIN_MB
+    parts["predicted_peak"] = RUNTIME_MB + MARGIN * sum(parts.values()) + MARGIN_MB
+    parts["runtime"] = RUNTIME_MB
     return {k: round(v, 1) for k, v in parts.items()}
 
 
@@ -192,15 +212,14 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
         f"{model_name} does not fit profile {profile.name!r}: its budget is {profile.train_memory_mb:.0f} MB "
         f"for training and the smallest plan (int8 base, micro-batch 1, sequence {last.seq_len}, "
         f"checkpointing, rank {rank}) needs {last.predicted_peak_mb:.0f} MB "
-        f"(weights {last.memory_mb['weights']:.0f} MB); choose a larger profile or a smaller model"
+        f"(the runtime {RUNTIME_MB:.0f} MB, weights {last.memory_mb['weights']:.0f} MB; budgets are whole-process RSS); "
+        f"choose a larger profile or a smaller model"
     )
 
 
 def shape_of(model_name: str, cache_dir: str = "") -> tuple[ModelShape, Path]:
     """The shape of a zoo model or folder, from its config.json alone (no weights are loaded)."""
-    from transformers import AutoConfig
-
     from pocketfed.model.zoo import resolve
 
     folder, _ = resolve(model_name, cache_dir)
-    return ModelShape.from_config(AutoConfig.from_pretrained(folder)), folder
+    return ModelShape.from_folder(folder), folder

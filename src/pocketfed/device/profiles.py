@@ -10,9 +10,12 @@ are `watch`, `phone` and `car`; more come from a YAML file (`device.profiles_fil
       battery_mah: 150
       ...every field of DeviceProfile...
 
-`train_memory_mb` is the working set of the training round on top of the inference runtime that is
-already resident (here: CPython + torch + transformers + PEFT, ~390 MB RSS, measured by
-`pocketfed.device.fit`; on a real device a native runtime whose footprint the OS already counts).
+`train_memory_mb` is the peak RSS of the whole training process (VmHWM, as `pocketfed.device.fit`
+measures it): the interpreter and torch (~225 MB resident once imported), the frozen base, the
+adapter and its optimizer state, activations, logits and the allocator's slack. It is what the OS
+counts against a background job, so the runtime is inside the budget, not on top of it; this is why
+the device trains with `pocketfed.device.leanmodel` (torch only) rather than transformers + PEFT,
+which would add ~155 MB of imports.
 
 Where the built-in numbers come from (orders of magnitude, not measurements of one product):
 - Memory: a watch has 1-2 GB RAM (Apple Watch S9: 1 GB; Wear OS W5: 2 GB), of which a background job
@@ -57,7 +60,7 @@ class Network(str, enum.Enum):
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
-    train_memory_mb: float  # working set the training round may use
+    train_memory_mb: float  # peak RSS of the whole training process, runtime included
     cores: int
     battery_mah: float
     battery_volts: float

@@ -18,11 +18,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from typing import TYPE_CHECKING
 
 from pocketfed.errors import UserError
+
+if TYPE_CHECKING:  # torch and transformers are imported where used: `resolve` must stay light, because
+    # the device's training process (pocketfed.device.fit) resolves folders without transformers.
+    from transformers import LlamaConfig, PreTrainedModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ZOO = ("smollm2-135m", "tiny")
@@ -79,6 +81,9 @@ def smollm2_dir(cache_dir: str = "") -> Path:
         return folder
 
     def save(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         src = _smollm2_package_dir()
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -108,12 +113,16 @@ def tokenizer_dir(cache_dir: str = "") -> Path:
         return full
 
     def save(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
         AutoTokenizer.from_pretrained(_smollm2_package_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
 
     return _atomic_save(folder, save)
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -138,6 +147,9 @@ def tiny_dir(cache_dir: str = "", seed: int = 0) -> Path:
     tok_dir = tokenizer_dir(cache_dir)
 
     def save(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
         tok = AutoTokenizer.from_pretrained(tok_dir)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -168,6 +180,9 @@ def resolve(name: str, cache_dir: str = "") -> tuple[Path, str]:
 
 def load_base(name: str, cache_dir: str = "") -> BaseModel:
     """Load a base model (float32, eval mode, frozen) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path, model_id = resolve(name, cache_dir)
     try:
         tok = AutoTokenizer.from_pretrained(path)

@@ -103,6 +103,20 @@ def unflatten_update(
     return out
 
 
+def privatize_update(update: Mapping[str, torch.Tensor], clip_norm: float, noise_std: float
+                     ) -> tuple[np.ndarray, bool]:
+    """Device steps 1-2 of the pipeline: clip to C, flatten [D], add this device's N(0, noise_std^2 I).
+
+    noise_std is 0 unless DP is distributed (then `distributed_noise_std`). Returns the vector and
+    the adaptive-clipping bit `is_unclipped(norm, C)`. The simulator and the real device call this.
+    """
+    clipped, norm = clip_update(update, clip_norm)
+    x = flatten_update(clipped)
+    if noise_std:
+        x = add_gaussian_noise(x, noise_std)
+    return x, is_unclipped(norm, clip_norm)
+
+
 def noised_norm_bound(clip_norm: float, noise_std: float, dim: int, tail: float = 10.0) -> float:
     """An L2 bound that a clipped-then-noised vector exceeds with probability <= exp(-tail^2/2).
 

@@ -62,6 +62,10 @@ RandomBytes = Callable[[int], bytes]
 
 PRIME = 2**521 - 1  # Mersenne prime; the Shamir field GF(p) holds any 32-byte secret.
 _FIELD_BYTES = 66  # ceil(521 / 8)
+FIELD_BYTES = _FIELD_BYTES  # one Shamir share y on the wire, big-endian
+PUBLIC_KEY_BYTES = 32  # an X25519 public key
+SHARE_NONCE_BYTES = 12  # AES-GCM nonce
+SHARE_CIPHERTEXT_BYTES = 8 + 2 * _FIELD_BYTES + 16  # sender, recipient, share(s_u), share(b_u), GCM tag
 _MAX_BITS = 54  # sums below 2^53 convert to float64 exactly
 _VERSION = b"pocketfed/secagg/v1/"
 
@@ -331,13 +335,37 @@ class DeviceState:
 # --------------------------------------------------------------------------- device side
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundKeys:
+    """Step 0's two X25519 key pairs: (c_u, C_u) for the share channels, (s_u, S_u) for masks."""
+
+    enc_private: bytes
+    enc_public: bytes
+    mask_private: bytes
+    mask_public: bytes
+
+
+def generate_keys(random_bytes: RandomBytes = os.urandom) -> RoundKeys:
+    """Step 0 (Bonawitz et al. 2017, Fig. 4 "AdvertiseKeys"): two fresh key pairs for one round.
+
+    In a deployment the keys exist before the cohort (and so the device's index u and the
+    round's `SecAggConfig`) is fixed: `begin` binds them to both once the server announces them.
+    """
+    enc_private, enc_public = _keypair(random_bytes)
+    mask_private, mask_public = _keypair(random_bytes)
+    return RoundKeys(enc_private, enc_public, mask_private, mask_public)
+
+
+def begin(config: SecAggConfig, device_id: int, keys: RoundKeys) -> DeviceState:
+    """The device's state for the round: its index u, the agreed config and its private keys."""
+    return DeviceState(config, device_id, keys.enc_private, keys.mask_private)
+
+
 def advertise(config: SecAggConfig, device_id: int, random_bytes: RandomBytes = os.urandom
               ) -> tuple[DeviceState, AdvertiseKeys]:
     """Step 0: fresh key pairs for this round."""
-    enc_private, enc_public = _keypair(random_bytes)
-    mask_private, mask_public = _keypair(random_bytes)
-    state = DeviceState(config, device_id, enc_private, mask_private)
-    return state, AdvertiseKeys(config.round_id, device_id, enc_public, mask_public)
+    keys = generate_keys(random_bytes)
+    return begin(config, device_id, keys), AdvertiseKeys(config.round_id, device_id, keys.enc_public, keys.mask_public)
 
 
 def share_keys(state: DeviceState, directory: KeyDirectory, random_bytes: RandomBytes = os.urandom
@@ -454,6 +482,16 @@ def neighbour_graph(device_ids: Sequence[int], degree: int | None, seed: bytes) 
             graph[u].add(v)
             graph[v].add(u)
     return {u: frozenset(vs) for u, vs in graph.items()}
+
+
+def default_threshold(cohort_size: int, degree: int | None) -> int:
+    """t = floor(m / 2) + 1, a majority of the neighbourhood, m = min(n, 2 ceil(degree / 2) + 1).
+
+    A majority keeps an honest-but-curious server from getting both b_u and s_u of one device
+    (Bonawitz et al. 2017, Thm 6.2 needs t > n / 2 against a server that lies about dropouts).
+    """
+    graph_size = cohort_size if not degree else min(cohort_size, 2 * math.ceil(degree / 2) + 1)
+    return graph_size // 2 + 1
 
 
 def key_directories(config: SecAggConfig, adverts: Sequence[AdvertiseKeys],
@@ -574,8 +612,7 @@ def simulate_round(
     """
     n = len(vectors)
     dim = int(np.asarray(vectors[0]).size)
-    graph_size = n if neighbours is None else min(n, 2 * math.ceil(neighbours / 2) + 1)
-    t = threshold if threshold is not None else graph_size // 2 + 1
+    t = threshold if threshold is not None else default_threshold(n, neighbours)
     config = SecAggConfig(round_id, n, dim, t, clip_norm, frac_bits)
 
     def source(label: str) -> RandomBytes:

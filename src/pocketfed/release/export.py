@@ -4,9 +4,14 @@ The whole job, top to bottom:
 
     0. check   the run folder, the adapters and the format, before loading anything heavy
     1. load    the base model the run was trained on, refusing adapters made for another base
-    2. merge   global adapter, then the personal one on top:  W + dW_global + dW_personal
+    2. merge   the run's adapter, W + dW_global, or the personal one (trained from the global
+               one, so it holds it), W + dW_personal
+               (onnx-int4: no merge; the adapter's factors are read and kept as an fp32 side branch)
     3. quantize + 4. write   into a temp folder beside --out:
-         onnx-*  merged weights -> HF folder -> onnxruntime-genai builder (MatMulNBits int4/int8)
+         onnx-int4  base -> HF folder -> onnxruntime-genai builder (graph, KV cache, config), then
+                    release.int4_lora rewrites its MatMuls: Q4_1-style 4-bit base + LoRA branch,
+                    8-bit tied embedding / lm_head
+         onnx-*     merged weights -> HF folder -> onnxruntime-genai builder (MatMulNBits int8 / fp32)
          gguf-*  merged weights -> llama.cpp tensors, Q8_0/Q4_0 blocks, BPE tokenizer metadata
        then manifest.json, then one rename: a failed export leaves nothing half-written.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 from pocketfed.errors import UserError
 from pocketfed.release.formats import Format, parse_format
 from pocketfed.release.manifest import build_manifest, write_manifest
-from pocketfed.release.merge import load_base_for, merge, read_run
+from pocketfed.release.merge import load_base_for, lora_factors, merge, read_run
 
 Progress = Callable[[str], None]  # called with the name of each step as it starts
 
@@ -61,9 +66,10 @@ def export(
     progress("load")
     base = load_base_for(run)
 
-    # 2. merge
+    # 2. merge (or, for onnx-int4, save the base and read the adapters' factors)
     progress("merge")
-    model = merge(base.model, run.adapters)
+    int4 = fmt == Format.onnx_int4
+    model = base.model if int4 else merge(base.model, run.applied)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -74,11 +80,18 @@ def export(
         if fmt.family == "onnx":
             from pocketfed.release.onnx_build import build_onnx  # noqa: PLC0415
 
-            hf_dir = work / "merged"
+            hf_dir = work / "hf"
             model.save_pretrained(hf_dir, safe_serialization=True)
             base.tokenizer.save_pretrained(hf_dir)
-            quantization = {"bits": {"fp32": 32, "int8": 8, "int4": 4}[fmt.quant], "symmetric": True}
-            quantization |= build_onnx(hf_dir, tmp, fmt, cache_dir=work / "cache")
+            options = build_onnx(hf_dir, tmp, fmt, cache_dir=work / "cache")
+            if int4:
+                from pocketfed.release.int4_lora import SCHEME, rewrite  # noqa: PLC0415
+
+                weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+                branch = rewrite(tmp, weights, lora_factors(model, run.applied))
+                quantization = {"bits": 4, "scheme": SCHEME, **branch} | options
+            else:
+                quantization = {"bits": {"fp32": 32, "int8": 8}[fmt.quant], "symmetric": True} | options
         else:
             from pocketfed.release.gguf_writer import write_gguf  # noqa: PLC0415
 

@@ -4,8 +4,9 @@ Merging is PEFT's `merge_and_unload`: for every LoRA-wrapped linear layer
 
     W' = W + (alpha / r) * B @ A            W: [out, in], B: [out, r], A: [r, in]
 
-A personal adapter is merged *after* the global one, on top of the already merged weights, so the
-result is W + dW_global + dW_personal (LoRA, Hu et al. 2021, arXiv:2106.09685).
+A personal adapter (pocketfed.device.personal) is the global adapter trained further on the
+device's own data, so it already holds the global one: when given, it is the adapter applied,
+W' = W + dW_personal, and the manifest still names both (LoRA, Hu et al. 2021, arXiv:2106.09685).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from pocketfed.config import RunConfig, load_config
 from pocketfed.errors import UserError
 from pocketfed.model.zoo import BaseModel, load_base
+from pocketfed.release.int4_lora import LoraFactor
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,14 @@ class AdapterRef:
 class RunInputs:
     run_dir: Path
     config: RunConfig
-    adapters: tuple[AdapterRef, ...]
+    adapters: tuple[AdapterRef, ...]  # the run's global adapter, then the personal one if given
     privacy: dict[str, float] | None  # {"epsilon": .., "delta": ..} from summary.json, if the run had DP
+
+    @property
+    def applied(self) -> tuple[AdapterRef, ...]:
+        """The adapters folded into the model: the personal one alone when given (it was trained from
+        the global one and contains it; adding both would count the global adapter twice)."""
+        return tuple(a for a in self.adapters if a.role == "personal") or self.adapters
 
 
 def _sha256(path: Path) -> str:
@@ -107,7 +117,7 @@ def load_base_for(run: RunInputs) -> BaseModel:
 
 
 def merge(model: PreTrainedModel, adapters: tuple[AdapterRef, ...]) -> PreTrainedModel:
-    """Fold each adapter into the weights, in order (global first, then personal)."""
+    """Fold each adapter into the weights, in order (pass `RunInputs.applied`)."""
     for ref in adapters:
         try:
             peft_model = PeftModel.from_pretrained(model, str(ref.path), adapter_name=ref.role)
@@ -121,3 +131,37 @@ def merge(model: PreTrainedModel, adapters: tuple[AdapterRef, ...]) -> PreTraine
             if not torch.isfinite(p).all():
                 raise UserError("the merged model has non-finite weights; the adapter file is corrupt")
     return model
+
+
+def lora_factors(model: PreTrainedModel, adapters: tuple[AdapterRef, ...]) -> list[LoraFactor]:
+    """Each adapter's LoRA factors per wrapped linear, scaling as PEFT computes it (alpha / r, or
+    alpha / sqrt(r) with rsLoRA, per-module rank/alpha patterns included). `model` is wrapped by
+    PEFT while reading and unwrapped again (its weights are left as they were)."""
+    peft_model = None
+    for ref in adapters:
+        try:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(ref.path), adapter_name=ref.role)
+            else:
+                peft_model.load_adapter(str(ref.path), adapter_name=ref.role)
+        except Exception as e:  # as in merge()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load the {ref.role} adapter in {str(ref.path)!r}: {first}") from None
+    if peft_model is None:
+        return []
+    factors = []
+    for name, module in peft_model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if any(getattr(module, "use_dora", {}).get(ref.role, False) for ref in adapters):
+            raise UserError("onnx-int4 keeps LoRA unmerged and does not support DoRA adapters; export onnx-int8")
+        for ref in adapters:
+            if ref.role not in module.lora_A:
+                continue
+            a = module.lora_A[ref.role].weight.detach().float().numpy()
+            b = module.lora_B[ref.role].weight.detach().float().numpy()
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise UserError(f"the {ref.role} adapter has non-finite weights; the adapter file is corrupt")
+            factors.append(LoraFactor(role=ref.role, module=name, a=a, b=b, scale=float(module.scaling[ref.role])))
+    peft_model.unload()
+    return factors

@@ -91,7 +91,11 @@ def perplexity(model: LoadedModel, text: str, tokens: int = 2000, window: int = 
                new_session: SessionFactory | None = None) -> float:
     """exp(mean NLL) of `text`'s first `tokens` tokens, in independent windows of `window` tokens
     (each window's first token is context only), one decode step per token through the KV cache."""
-    ids = model.encode(text)[:tokens]
+    return perplexity_ids(model, model.encode(text)[:tokens], window, new_session)
+
+
+def perplexity_ids(model: Any, ids: list[int], window: int = 500, new_session: SessionFactory | None = None) -> float:
+    """perplexity() over given token ids."""
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window + 1]

@@ -1,28 +1,45 @@
 """Next-word suggestions, as a keyboard shows them: three distinct whole words.
 
-A BPE model predicts sub-word tokens (" to", " tom" + "orrow"), so a word is a token that starts a
-word (leading space, then letters) followed by continuation tokens (no leading space, letters):
+A BPE model predicts sub-word tokens (" to", " y" + "ond" + "er"), so a word is a token that starts
+a word (leading space, then letters) followed by continuation tokens (no leading space, letters),
+and it ends where the model's next token is not a continuation. Its probability is
 
-    1. feed the text before the word being typed; take the POOL most likely word-start tokens
-       (those matching the typed part of the word, if any);
-    2. expand each, best first, greedily: append the most likely next token while it continues the
-       word (up to MAX_WORD_TOKENS tokens); while the word is shorter than the typed part, only
-       tokens that agree with it are allowed;
-    3. keep the words that extend the typed part, case-insensitively distinct, until there are k.
+    P(word) = P(start) * P(cont_1 | ..) * ... * P(next token is not a continuation | word)
 
-Step 2 costs one decode step per candidate (to learn where the word ends); the prefix itself runs
-once and stays in the KV cache (`Session`), so a keyboard re-asking after each keystroke pays only
-for the new tokens. Candidates are expanded until k distinct words are found, at most MAX_EXPAND.
+`suggest` returns the k most probable distinct words, found best-first:
+
+    1. feed the text before the word being typed (a prompt ending without a space: the word being
+       typed is completed; with a trailing space: the next word is predicted); the frontier is
+       every word-start token agreeing with the typed part, scored by its log-probability;
+    2. pop the best entry. A finished word is emitted (if new, case-insensitively). Otherwise one
+       decode step gives the next-token distribution: push "the word ends here" (log P(end)), if
+       the word already covers the typed part, and its best continuation tokens that agree with it;
+    3. until k words, or MAX_STEPS decode steps; then the best finished words left are emitted,
+       and so are single word-start tokens (whole vocabulary words) whose end was not checked.
+
+Two rules keep junk out: a continuation token that the model finds less likely than the same
+letters as a new word (" window" vs "window" after "yonder") would glue two words together, and is
+not pushed; and a word the model more likely ends than continues is not extended ("yonder" +
+"haus"): a longer real word has its own, better path. The typed letters
+are kept as typed ("pr" -> "prince", not "Prince").
+
+Since scores only fall as a word grows, words come out most probable first, and a word the model
+finds unlikely (a junk expansion such as "YONDAKE") loses to real ones. Each expansion costs one
+decode step; the prefix runs once and stays in the KV cache (`Session`), so a keyboard re-asking
+after each keystroke pays only for the new tokens, and branches share their common prefix.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
 from pocketfed.runtime.model import LoadedModel, Session
 
-POOL = 32  # word-start candidates considered, by logit
-MAX_EXPAND = 8  # candidates expanded at most (each costs >= 1 decode step)
+POOL = 32  # word-start candidates put on the frontier, by logit
+BRANCH = 4  # continuation tokens pushed per expansion
+MAX_STEPS = 8  # decode steps per call, at most
 MAX_WORD_TOKENS = 4
 MAX_CONTEXT = 256  # tokens of text before the word kept in the cache
 SUGGEST_CACHE = MAX_CONTEXT + MAX_WORD_TOKENS + 2  # KV cache positions a suggest session needs
@@ -36,6 +53,9 @@ class _Vocab:
         self.starts = np.array([_is_word_start(t) for t in texts])  # [vocab] bool
         self.continues = np.array([_is_continuation(t) for t in texts])  # [vocab] bool
         self.lower = np.array([t.strip().lower() for t in texts])  # [vocab] str
+        ids = {t: i for i, t in enumerate(texts)}
+        # [vocab] id of " " + text (the same letters as a new word), or -1
+        self.spaced = np.array([ids.get(" " + t, -1) if c else -1 for t, c in zip(texts, self.continues)])
 
 
 def _wordish(s: str) -> bool:
@@ -84,40 +104,62 @@ def suggest(model: LoadedModel, prefix: str, k: int = 3, session: Session | None
     typed_lower = typed.lower()
     ctx = model.encode(context)[-MAX_CONTEXT:] if context else [int(model.eos_ids[0])]
 
-    # 1. candidates: word-start tokens that agree with what is typed, best first
-    logits = session.feed(ctx)
+    # 1. the frontier: word-start tokens that agree with what is typed, by log-probability
+    logp = _log_softmax(session.feed(ctx))
     mask = vocab.starts.copy()
     if typed:
         mask[mask] = _agrees(vocab.lower[mask], typed_lower)
-    scores = np.where(mask, logits, -np.inf)
-    pool = np.argpartition(-scores, POOL)[:POOL]
-    pool = pool[np.argsort(-scores[pool])]
-    pool = pool[np.isfinite(scores[pool])]
+    starts = np.flatnonzero(mask)
+    starts = starts[np.argsort(-logp[starts])[:POOL]]
+    # entries: (-log P, tie-break, token ids, word, finished)
+    frontier: list[tuple[float, int, tuple[int, ...], str, bool]] = [
+        (-float(logp[t]), i, (int(t),), vocab.texts[int(t)].strip(), False) for i, t in enumerate(starts)
+    ]
+    heapq.heapify(frontier)
+    tie = len(frontier)
 
-    # 2. + 3. expand greedily to a word boundary; keep distinct words that extend the typed part
+    # 2. + 3. best first: emit finished words, expand unfinished ones by one decode step
     words: list[str] = []
     seen: set[str] = set()
-    for cand in pool[:MAX_EXPAND]:
-        seq = [int(cand)]
-        word = vocab.texts[int(cand)].strip()
-        for _ in range(MAX_WORD_TOKENS - 1):
-            logits = session.feed(ctx + seq)
-            if len(word) < len(typed):  # still inside the typed part: only agreeing tokens
-                allowed = vocab.continues.copy()
-                allowed[allowed] = _agrees(vocab.lower[allowed], typed_lower[len(word):])
-                nxt = int(np.argmax(np.where(allowed, logits, -np.inf)))
-                if not allowed[nxt]:
-                    break
-            else:
-                nxt = int(np.argmax(logits))
-                if not vocab.continues[nxt]:
-                    break
-            seq.append(nxt)
-            word += vocab.texts[nxt]
-        key = word.lower()
-        if key.startswith(typed_lower) and key not in seen:
-            seen.add(key)
-            words.append(word)
-            if len(words) == k:
-                break
+    steps = 0
+    while frontier and len(words) < k:
+        cost, _, seq, word, finished = heapq.heappop(frontier)
+        if finished:
+            word = typed + word[len(typed):]  # keep the letters as the user typed them
+            if word.lower() not in seen:
+                seen.add(word.lower())
+                words.append(word)
+            continue
+        covers = len(word) >= len(typed) and word.lower().startswith(typed_lower)
+        if steps == MAX_STEPS:
+            # out of budget: a word-start token that covers the typed part is a whole vocabulary
+            # word; emit it as it is (its end probability unknown, <= 1); drop longer partial words
+            if len(seq) == 1 and covers:
+                heapq.heappush(frontier, (cost, tie, seq, word, True))
+                tie += 1
+            continue
+        steps += 1
+        nxt = _log_softmax(session.feed(ctx + list(seq)))
+        p_end = float(np.exp(nxt)[~vocab.continues].sum())
+        if covers:
+            heapq.heappush(frontier, (cost - np.log(max(p_end, 1e-30)), tie, seq, word, True))
+            tie += 1
+        if len(seq) == MAX_WORD_TOKENS or (p_end > 0.5 and covers):
+            continue
+        allowed = vocab.continues.copy()
+        if len(word) < len(typed):  # still inside the typed part: only agreeing tokens
+            allowed[allowed] = _agrees(vocab.lower[allowed], typed_lower[len(word):])
+        # a continuation the model likes less than the same letters as a new word glues two words
+        # together ("yonder" + "window"): not a word
+        glued = (vocab.spaced >= 0) & (nxt[np.maximum(vocab.spaced, 0)] > nxt)
+        cont = np.flatnonzero(allowed & ~glued)
+        for t in cont[np.argsort(-nxt[cont])[:BRANCH]]:
+            heapq.heappush(frontier, (cost - float(nxt[t]), tie, seq + (int(t),), word + vocab.texts[int(t)], False))
+            tie += 1
     return words
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))

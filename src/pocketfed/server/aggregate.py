@@ -55,32 +55,42 @@ def aggregate_round(
         decoded = [WeightedUpdate(codec.decode(p, like), u.weight) for p, u in zip(payloads, updates)]
         return Aggregate(weighted_mean(decoded), max(map(len, payloads)), n, n)
 
+    std = device_noise_std(pcfg, clip_norm, noise_multiplier, expected_devices)
     vectors, unclipped = [], 0
     for u in updates:
-        clipped, norm = dp.clip_update(u.update, clip_norm)  # 1. clip
-        unclipped += dp.is_unclipped(norm, clip_norm)
-        x = dp.flatten_update(clipped)
-        if pcfg.dp is DPMode.distributed:  # 2. each device's share of the noise
-            x = dp.add_gaussian_noise(x, dp.distributed_noise_std(noise_multiplier, clip_norm, expected_devices))
+        x, is_unclipped = dp.privatize_update(u.update, clip_norm, std)  # 1. clip, 2. the device's noise share
+        unclipped += is_unclipped
         vectors.append(x)
 
     if pcfg.secagg:  # 3-4. fixed-point, masked, summed mod 2^k; the server learns only the sum
-        bound = clip_norm
-        if pcfg.dp is DPMode.distributed:
-            std = dp.distributed_noise_std(noise_multiplier, clip_norm, expected_devices)
-            bound = dp.noised_norm_bound(clip_norm, std, len(vectors[0]))
         outcome = secagg.simulate_round(
-            vectors, clip_norm=bound, frac_bits=pcfg.frac_bits, round_id=round_id,
-            neighbours=pcfg.secagg_degree or None,
+            vectors, clip_norm=secagg_bound(clip_norm, std, len(vectors[0])), frac_bits=pcfg.frac_bits,
+            round_id=round_id, neighbours=pcfg.secagg_degree or None,
         )
         total, bytes_up = outcome.total, max(outcome.device_bytes_sent.values())
     else:
         payloads = [codec.encode(dp.unflatten_update(x, like), pcfg.codec) for x in vectors]
         total = np.sum([dp.flatten_update(codec.decode(p, like)) for p in payloads], axis=0)
         bytes_up = max(map(len, payloads))
+    mean = private_mean(total, pcfg, clip_norm, noise_multiplier, expected_devices if pcfg.dp is not DPMode.none else n, like)
+    return Aggregate(mean, bytes_up, unclipped, n)
 
+
+def device_noise_std(pcfg: PrivacyConfig, clip_norm: float, noise_multiplier: float, expected_devices: int) -> float:
+    """Step 2's std on each device: z C / sqrt(n_expected) under distributed DP, else 0."""
+    if pcfg.dp is not DPMode.distributed:
+        return 0.0
+    return dp.distributed_noise_std(noise_multiplier, clip_norm, expected_devices)
+
+
+def secagg_bound(clip_norm: float, noise_std: float, dim: int) -> float:
+    """The L2 bound the fixed-point encoding must hold: C, or C plus the noise's tail bound."""
+    return dp.noised_norm_bound(clip_norm, noise_std, dim) if noise_std else clip_norm
+
+
+def private_mean(total: np.ndarray, pcfg: PrivacyConfig, clip_norm: float, noise_multiplier: float,
+                 denominator: int, like: AdapterState) -> AdapterState:
+    """Server steps 5-6 on the (secure or plain) sum [D]: central noise N(0, (z C)^2 I), then / n."""
     if pcfg.dp is DPMode.central:  # 5. the server's noise, once, on the sum
         total = dp.add_gaussian_noise(total, dp.central_noise_std(noise_multiplier, clip_norm))
-    denominator = expected_devices if pcfg.dp is not DPMode.none else n  # 6.
-    mean = dp.unflatten_update(total / denominator, like)
-    return Aggregate(mean, bytes_up, unclipped, n)
+    return dp.unflatten_update(total / denominator, like)  # 6.

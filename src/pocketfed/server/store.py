@@ -1,6 +1,7 @@
 """The coordinator's state store: one SQLite database plus content-addressed blobs beside it.
 
-    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, FULL sync)
+    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, FULL sync),
+                              secure-aggregation stages and messages; meta holds config and DP ledger
     <folder>/blobs/ab/abcd..  adapters, server states and device updates, named by their sha256
     <folder>/uploads/<round>/<device>.part   uploads in progress (resumable)
 
@@ -52,6 +53,12 @@ CREATE TABLE IF NOT EXISTS updates (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, blob_sha TEXT NOT NULL, size INTEGER NOT NULL,
     num_tokens INTEGER NOT NULL, metrics TEXT NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round_id, device_id));
+CREATE TABLE IF NOT EXISTS secagg_rounds (
+    round_id INTEGER PRIMARY KEY, stage TEXT NOT NULL, stage_deadline REAL NOT NULL,
+    params TEXT, cohort TEXT, graph_seed TEXT, survivors TEXT, dropped TEXT);
+CREATE TABLE IF NOT EXISTS secagg_messages (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (round_id, device_id, kind));
 """
 
 
@@ -82,6 +89,20 @@ class Round:
     participants: list[str] | None
     metrics: dict[str, Any] | None
     new_version: int | None
+
+
+@dataclass(frozen=True)
+class SecAggRound:
+    """A secure-aggregation round's stage and what the server fixed at each step (JSON columns)."""
+
+    round_id: int
+    stage: str  # advertise | share | masked | unmask | done
+    stage_deadline: float
+    params: dict[str, Any] | None  # the SecAggConfig fields, fixed when advertising ends
+    cohort: list[str] | None  # U1, device names in index order (index = position)
+    graph_seed: str | None  # hex; the SecAgg+ neighbour graph's public randomness
+    survivors: list[int] | None  # U3 (indices), fixed when masking ends
+    dropped: list[int] | None  # U2 minus U3
 
 
 @dataclass(frozen=True)
@@ -317,3 +338,38 @@ class Store:
 
     def count_updates(self, round_id: int) -> int:
         return int(self._rows("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,))[0][0])
+
+    # ---- secure aggregation ---------------------------------------------------------------------
+    def add_secagg_round(self, round_id: int, stage_deadline: float) -> None:
+        self._exec("INSERT INTO secagg_rounds (round_id, stage, stage_deadline) VALUES (?, 'advertise', ?)",
+                   (round_id, stage_deadline))
+
+    def secagg_round(self, round_id: int) -> SecAggRound | None:
+        rows = self._rows("SELECT * FROM secagg_rounds WHERE round_id = ?", (round_id,))
+        if not rows:
+            return None
+        r = list(rows[0])
+        for i in (3, 4, 6, 7):
+            r[i] = json.loads(r[i]) if r[i] is not None else None
+        return SecAggRound(*r)
+
+    def set_secagg_stage(self, round_id: int, stage: str, stage_deadline: float, **fixed: Any) -> None:
+        """Move to `stage`; `fixed` sets any of params, cohort, graph_seed, survivors, dropped."""
+        cols = {k: (v if k == "graph_seed" else json.dumps(v)) for k, v in fixed.items()}
+        if not set(cols) <= {"params", "cohort", "graph_seed", "survivors", "dropped"}:
+            raise ValueError(f"unknown secagg columns {sorted(cols)}")
+        sets = "".join(f", {k} = ?" for k in cols)
+        self._exec(f"UPDATE secagg_rounds SET stage = ?, stage_deadline = ?{sets} WHERE round_id = ?",
+                   (stage, stage_deadline, *cols.values(), round_id))
+
+    def add_secagg_message(self, round_id: int, device_id: str, kind: str, body: bytes) -> None:
+        self._exec("INSERT INTO secagg_messages VALUES (?, ?, ?, ?)", (round_id, device_id, kind, body))
+
+    def secagg_messages(self, round_id: int, kind: str) -> dict[str, bytes]:
+        rows = self._rows("SELECT device_id, body FROM secagg_messages WHERE round_id = ? AND kind = ? ORDER BY device_id",
+                          (round_id, kind))
+        return {d: bytes(b) for d, b in rows}
+
+    def has_secagg_message(self, round_id: int, device_id: str, kind: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM secagg_messages WHERE round_id = ? AND device_id = ? AND kind = ?",
+                               (round_id, device_id, kind)))

@@ -97,3 +97,34 @@ def test_summarize_empty_odd_and_missing(tmp_path: Path) -> None:
     assert "no raw data" not in odd.sentence
     with pytest.raises(FileNotFoundError):
         ledger.summarize(tmp_path / "nowhere")
+
+
+def test_secagg_kinds_are_checked_recorded_and_summarized(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pocketfed.transport import secagg_wire as sw
+
+    keys = {"enc_public": np.arange(32, dtype=np.uint8), "mask_public": np.zeros(32, np.uint8)}
+    data = ledger.check_and_record(tmp_path, "server", ledger.SECAGG_KEYS, keys, sw.keys_schema())
+    assert sw.parse_keys(data) == (bytes(range(32)), bytes(32))
+    masked_schema = {"masked": ((5,), "uint32")}
+    ledger.check_and_record(tmp_path, "server", ledger.MASKED_UPDATE, {"masked": np.ones(5, np.uint32)}, masked_schema)
+    ledger.check_and_record(tmp_path, "server", "metrics", {"loss": 1.0}, {})
+    hostile = [
+        (ledger.MASKED_UPDATE, {"masked": np.ones(5, np.uint32), "embed_tokens.weight": np.zeros(4, np.float32)},
+         masked_schema, "not in the task's adapter schema"),
+        (ledger.MASKED_UPDATE, {"masked": np.ones(6, np.uint32)}, masked_schema, "the schema says (5,)"),
+        (ledger.SECAGG_KEYS, {**keys, "enc_public": np.zeros(33, np.uint8)}, sw.keys_schema(), "the schema says (32,)"),
+        (ledger.SECAGG_SHARES, {"share/0": torch.zeros(168, dtype=torch.uint8)}, sw.shares_schema([0]), "not a ndarray"),
+        ("metrics", {"loss": "my password is hunter2"}, {}, "carries text"),
+    ]
+    for kind, payload, schema, reason in hostile:
+        with pytest.raises(ledger.EgressRefused, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            ledger.check_and_record(tmp_path, "server", kind, payload, schema)
+    entries = _entries(tmp_path)
+    assert [e["kind"] for e in entries] == ["secagg_keys", "masked_update", "metrics"] + ["refusal"] * len(hostile)
+    assert entries[1]["arrays"] == [["masked", [5], "uint32"]]
+    s = ledger.summarize(tmp_path)
+    assert s.messages == 3 and s.refusals == len(hostile)
+    assert s.sentence.startswith("3 messages, ")
+    assert "model updates (masked), key-agreement messages, metrics; no raw data left this device; 5 requests refused" in s.sentence

@@ -102,7 +102,7 @@ class Fixtures:
         from pocketfed.release.merge import load_base_for, merge, read_run
 
         run = read_run(self.run)
-        return merge(load_base_for(run).model, run.adapters)
+        return merge(load_base_for(run).model, run.applied)
 
 
 _FIXTURES: Fixtures | None = None

@@ -83,13 +83,13 @@ def test_manifest_records_provenance(pf):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
-def test_personal_adapter_is_merged_on_top(pf, tmp_path):
+def test_personal_adapter_replaces_the_global_one(pf, tmp_path):
+    # a personal adapter is the global one trained further on the device, so it already holds it
     out = export(pf.run, "onnx-fp32", tmp_path / "personal", personal=pf.personal)
     m = json.loads((out / "manifest.json").read_text())
     assert [a["role"] for a in m["adapters"]] == ["global", "personal"] and m["personalized"]
     base = load_base(str(pf.base_dir))
-    model = PeftModel.from_pretrained(base.model, str(pf.run / "adapter")).merge_and_unload()
-    model = PeftModel.from_pretrained(model, str(pf.personal)).merge_and_unload()
+    model = PeftModel.from_pretrained(base.model, str(pf.personal)).merge_and_unload()
     onnx = load(out)
     text = PROMPTS[0]
     expected = torch_logits(model, base.tokenizer, text)

@@ -161,3 +161,16 @@ def test_privacy_lock_without_ledger(pf, tmp_path):
     line = privacy_lock(folder, tmp_path / "no-home")
     assert "no egress ledger" in line and "not shared" not in line
     assert privacy_lock(folder) == line
+
+
+def test_suggest_half_typed_word_three_completions_trailing_space_next_word(int4):
+    """No trailing space: three distinct words completing the typed part (keeping its letters as
+    typed); a trailing space: the next word, whatever it starts with."""
+    for prefix in ("To be, or not to be, that is the qu", "My lord, I will b", "Good night, sweet pr"):
+        typed = prefix.split()[-1]
+        words = suggest(int4, prefix)
+        assert len(words) == 3 and len({w.lower() for w in words}) == 3, (prefix, words)
+        assert all(w.startswith(typed) and len(w) > len(typed) - 1 for w in words), (prefix, words)
+        assert all(w.replace("'", "").replace("-", "").isalpha() for w in words), words
+    after_space = suggest(int4, "To be, or not to be, that is the qu ")
+    assert len(after_space) == 3 and not all(w.lower().startswith("qu") for w in after_space)

@@ -7,6 +7,9 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
     GET  /v1/rounds/{id}/upload         signed: bytes received so far (resume point)
     PUT  /v1/rounds/{id}/upload?offset  signed: one chunk (application/octet-stream)
     POST /v1/rounds/{id}/commit         signed: size, sha256, tokens, metrics -> recorded
+    GET  /v1/rounds/{id}/secagg         signed: the secure-aggregation stage and this device's view of it
+    POST /v1/rounds/{id}/secagg/{kind}  signed: a step-0/1/3 message (safetensors; kind = keys, shares, unmask);
+                                        step 2 (the masked input) is the upload + commit above
     GET  /v1/release/latest, /v1/release/key, /v1/status     public
 
 Every refusal is a 4xx with `{"error": code, "detail": sentence}`. Request bodies are capped
@@ -29,13 +32,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pocketfed.server import coordinator as co
+from pocketfed.transport import secagg_wire as sw
 from pocketfed.transport.http import auth, wire
 
 STATUS = {
     co.UNKNOWN_ROUND: 404, co.ROUND_CLOSED: 409, co.NOT_ASSIGNED: 403, co.DUPLICATE: 409,
     co.OFFSET_MISMATCH: 409, co.TOO_LARGE: 413, co.TRUNCATED: 400, co.HASH_MISMATCH: 400,
     co.INVALID_UPDATE: 422, co.NAME_TAKEN: 409, co.KEY_TAKEN: 409,
+    co.WRONG_STAGE: 409, co.NOT_IN_COHORT: 403, co.INVALID_SECAGG: 422,
 }
+SECAGG_KINDS = {"keys": sw.KEYS, "shares": sw.SHARES, "unmask": sw.UNMASK}
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": wire.ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422)
 }
@@ -188,6 +194,7 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
             codec=cfg.privacy.codec.value,
             adapter_schema=[wire.TensorSpec(name=k, shape=list(v.shape), dtype="float32") for k, v in c.like.items()],
             max_upload_bytes=c.max_upload_bytes, chunk_bytes=min(wire.CHUNK_MAX_BYTES, 2**20),
+            privacy=wire.PrivacySpec(**co.task_privacy(c)) if cfg.privacy.secagg or cfg.privacy.dp.value != "none" else None,
         )
         return wire.CheckinResponse(task=task, retry_at=out.deadline, reason="task")
 
@@ -224,6 +231,24 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
         closed = await threaded(co.commit_upload, c, round_id, device, req.size, req.sha256, req.num_tokens,
                                 dict(req.metrics), clock())
         return wire.CommitResponse(accepted=True, round_closed=closed)
+
+    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/secagg", response_model=wire.SecAggState, responses=ERRORS)
+    async def secagg_state(round_id: int = Path(ge=0, le=2**62), device: str = Depends(device_id)) -> wire.SecAggState:
+        """The round's secure-aggregation stage, with what this device needs for it (keys, shares, U3)."""
+        return wire.SecAggState(**await threaded(co.secagg_view, c, round_id, device, clock()))
+
+    @app.post(
+        f"{wire.PREFIX}/rounds/{{round_id}}/secagg/{{kind}}", response_model=wire.Accepted, responses=ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary", "maxLength": wire.JSON_MAX_BYTES}}}}},
+    )
+    async def secagg_message(request: Request, round_id: int = Path(ge=0, le=2**62),
+                             kind: str = Path(pattern=r"^(keys|shares|unmask)$"),
+                             device: str = Depends(device_id)) -> wire.Accepted:
+        """A step-0 (keys), step-1 (shares) or step-3 (unmask) message as safetensors arrays."""
+        body = await request.body()
+        await threaded(co.secagg_message, c, round_id, device, SECAGG_KINDS[kind], body, clock())
+        return wire.Accepted(accepted=True)
 
     @app.get(f"{wire.PREFIX}/release/latest", response_model=wire.SignedManifest)
     async def latest_release() -> wire.SignedManifest:

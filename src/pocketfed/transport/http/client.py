@@ -117,3 +117,10 @@ class DeviceClient:
         req = wire.CommitRequest(size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                  num_tokens=num_tokens, metrics=metrics)
         return wire.CommitResponse.model_validate(self._json("POST", f"{wire.PREFIX}/rounds/{round_id}/commit", req.model_dump()))
+
+    def secagg_state(self, round_id: int) -> wire.SecAggState:
+        return wire.SecAggState.model_validate(self._json("GET", f"{wire.PREFIX}/rounds/{round_id}/secagg"))
+
+    def secagg_send(self, round_id: int, kind: str, body: bytes) -> None:
+        """Post a step-0/1/3 message (kind: keys, shares, unmask) as the ledger's exact bytes."""
+        self._request("POST", f"{wire.PREFIX}/rounds/{round_id}/secagg/{kind}", body, "application/octet-stream")

@@ -89,6 +89,15 @@ class SignedManifest(Strict):
     signature: Hex128
 
 
+class PrivacySpec(Strict):
+    """The device's steps 1-2 (`dp.privatize_update`): clip to `clip_norm`, add N(0, noise_std^2)."""
+
+    dp: Literal["none", "central", "distributed"]
+    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
+    noise_std: float = Field(ge=0.0, allow_inf_nan=False)  # > 0 only under distributed DP
+    secagg: bool  # then the update goes through the four stages of /v1/rounds/{id}/secagg
+
+
 class TaskSpec(Strict):
     round_id: int
     round_index: int  # training round index (what the seed is derived from)
@@ -103,6 +112,7 @@ class TaskSpec(Strict):
     adapter_schema: list[TensorSpec] = Field(max_length=10_000)
     max_upload_bytes: int
     chunk_bytes: int
+    privacy: PrivacySpec | None = None  # None: upload the update as it is (no DP, no secagg)
 
 
 class CheckinResponse(Strict):
@@ -141,6 +151,7 @@ class OpenRound(Strict):
     target: int
     quorum: int
     deadline_in_s: float
+    stage: str = ""  # under secure aggregation: advertise | share | masked | unmask
 
 
 class RoundInfo(Strict):
@@ -160,5 +171,49 @@ class StatusResponse(Strict):
     rounds_planned: int
     done: bool
     devices: int
+    stopped: str = ""  # why no further round opens (finished, privacy budget spent), else ""
+    privacy: dict[str, Any] | None = None  # epsilon spent, delta, noise multiplier, clip norm, ...
     open_round: OpenRound | None
     rounds: list[RoundInfo]
+
+
+# ---- secure aggregation (Bonawitz et al. 2017): server -> device views of a round's stage ---------
+class SecAggParams(Strict):
+    """`pocketfed.privacy.secagg.SecAggConfig`: fixed when the key-advertising stage ends."""
+
+    round_id: int
+    cohort_size: int = Field(ge=2, le=100_000)
+    dimension: int = Field(ge=1, le=2**31)
+    threshold: int = Field(ge=2)
+    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
+    frac_bits: int = Field(ge=0, le=52)
+
+
+class PublicKeys(Strict):
+    enc_public: Hex64  # C_v, X25519
+    mask_public: Hex64  # S_v, X25519
+
+
+class SealedShare(Strict):
+    sender: int = Field(ge=0)
+    nonce: str = Field(pattern=r"^[0-9a-f]{24}$")
+    ciphertext: str = Field(pattern=r"^[0-9a-f]{312}$")  # AES-GCM of 140 bytes + 16-byte tag
+
+
+class SecAggState(Strict):
+    """GET /v1/rounds/{id}/secagg: the round's stage and what this device needs for it."""
+
+    round_id: int
+    stage: Literal["advertise", "share", "masked", "unmask", "committed", "failed", "aborted"]
+    reason: str = ""
+    deadline: float
+    index: int | None = None  # this device's u in the cohort (None: not in it)
+    params: SecAggParams | None = None
+    neighbours: dict[int, PublicKeys] | None = None  # stage share: N(u)'s keys
+    shares: list[SealedShare] | None = None  # stage masked: ciphertexts addressed to u
+    survivors: list[int] | None = None  # stage unmask: U3
+    dropped: list[int] | None = None  # stage unmask: U2 minus U3
+
+
+class Accepted(Strict):
+    accepted: bool

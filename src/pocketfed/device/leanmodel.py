@@ -1,0 +1,294 @@
+"""A Llama-shaped decoder with LoRA in plain torch: the model a device trains in its own process.
+
+Why not transformers + PEFT here: a device's budget is its whole process's RSS, and the imports
+alone are most of a watch's (VmHWM measured on the dev machine): Python 9 MB, + torch 223 MB,
++ transformers' Llama modeling 379 MB, + PEFT 389 MB. Transformers and PEFT cost ~155 MB of the
+watch's 512 MB before any weight; this module costs nothing beyond torch. It is interchangeable
+with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
+- same maths as `LlamaForCausalLM` (logits within 1e-5 in fp32, padded batches included);
+- the adapter state has PEFT's keys (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`),
+  PEFT's init (under the same seed the same draws in the same module order: A ~ kaiming-uniform(a=sqrt 5),
+  B = 0) and scaling alpha / r, so a device's update loads wherever PEFT's does.
+
+    x_0 = E[ids]                                             [B, T, h]
+    x' = x + o_proj(attn(rms(x)));  x_next = x' + mlp(rms(x'))   per layer, then rms, then the head
+    attn: q [B, H, T, d], k, v [B, H_kv, T, d], rotary on q and k, softmax(q k^T / sqrt d + mask) v
+          (grouped-query: H / H_kv query heads share one key/value head)
+    mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)   (in float32)
+    LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
+The loss (mean next-token cross-entropy over unmasked labels) runs over chunks of LOSS_CHUNK
+positions, so the [B T, V] float32 logits never exist at once; with checkpointing each chunk's logits
+are recomputed in backward, as each layer's activations are. Supported configs: Llama with SiLU, no
+biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketfed.device.lowmem import Precision, fill, quantize_linears
+from pocketfed.errors import UserError
+
+LOSS_CHUNK = 32  # positions per chunk of the loss: 32 x 49152 float32 logits = 6 MB for SmolLM2
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's parameter names
+
+
+@dataclass(frozen=True)
+class LeanConfig:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    rope_theta: float
+    tied: bool
+
+    @staticmethod
+    def from_folder(folder: Path) -> "LeanConfig":
+        c = json.loads((folder / "config.json").read_text())
+        rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 10000.0), **(c.get("rope_scaling") or {})}
+        unsupported = {"model_type": c.get("model_type") not in ("llama", None), "hidden_act": c.get("hidden_act", "silu") != "silu",
+                       "attention_bias": bool(c.get("attention_bias")), "mlp_bias": bool(c.get("mlp_bias")),
+                       "rope type": rope.get("rope_type", rope.get("type", "default")) != "default"}
+        if any(unsupported.values()):
+            raise UserError(f"{folder / 'config.json'}: the device trainer supports Llama decoders with SiLU, no biases and "
+                            f"the default rotary embedding; this config differs in {[k for k, v in unsupported.items() if v]}")
+        heads = int(c["num_attention_heads"])
+        return LeanConfig(int(c["vocab_size"]), int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]),
+                          heads, int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or c["hidden_size"] // heads),
+                          float(c.get("rms_norm_eps", 1e-6)), float(rope["rope_theta"]), bool(c.get("tie_word_embeddings", False)))
+
+
+def checkpoint(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """fn(*args), keeping none of the tensors fn's backward needs: the first time backward asks for
+    one, fn runs again (same inputs, grad on) and its saved tensors, in the same order, answer; each
+    is dropped once used. The non-reentrant scheme of torch.utils.checkpoint(use_reentrant=False),
+    written out because that function reads torch._dynamo's config, whose import costs +80 MB RSS."""
+    saved: list[torch.Tensor | None] = []
+    count = itertools.count()
+
+    def unpack(i: int) -> torch.Tensor:
+        if not saved:
+            again = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.append, lambda _: None):
+                fn(*again)
+        t, saved[i] = saved[i], None
+        assert t is not None, "a checkpointed tensor was asked for twice (backward with retain_graph?)"
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda _: next(count), unpack):
+        return fn(*args)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(size)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LeanConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = c.heads, c.kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden, c.heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden, c.kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden, c.kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, d]
+        k = self.k_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)  # [B, H_kv, T, d]
+        v = self.v_proj(x).view(b, t, self.hkv, self.d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=self.h != self.hkv)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LeanConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):  # attributes in transformers' order: LoRA init draws follow module order
+    def __init__(self, c: LeanConfig):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c), MLP(c)
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(c.hidden, c.eps), RMSNorm(c.hidden, c.eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: LeanConfig):
+        super().__init__()
+        # given a weight, Embedding skips its normal_() init, which on meta imports torch._dynamo (+80 MB)
+        self.embed_tokens = nn.Embedding(c.vocab, c.hidden, _weight=torch.empty(c.vocab, c.hidden))
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.eps)
+
+
+class LeanLlama(nn.Module):
+    """Parameter names are the safetensors file's (`model.layers.0...`, `lm_head.weight`)."""
+
+    def __init__(self, c: LeanConfig):
+        super().__init__()
+        self.config, self.checkpointing = c, False
+        self.model, self.lm_head = Decoder(c), nn.Linear(c.hidden, c.vocab, bias=False)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, h]. ids [B, T]; mask [B, T] (True = real token) or None."""
+        c, t = self.config, ids.shape[1]
+        x = self.model.embed_tokens(ids)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim)
+        freqs = torch.arange(t, dtype=torch.float)[:, None] * inv_freq  # [T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        attn = None
+        if mask is not None and not bool(mask.all()):
+            attn = torch.ones(t, t, dtype=torch.bool).tril() & mask[:, None, None, :]  # [B, 1, T, T]
+            attn = attn | ~attn.any(-1, keepdim=True)  # a query with no visible key (left padding) sees all: no NaN
+        for layer in self.model.layers:
+            if self.checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, attn)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(ids, mask))  # [B, T, V]
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of token t+1 given tokens <= t, over unmasked targets (as transformers')."""
+        # Right padding (as data.federated.to_blocks pads): a real token sees only earlier, real ones
+        # under the causal mask alone, so the fused causal kernel serves and no [B, 1, T, T] mask is made.
+        right_padded = bool((mask.int().cummin(dim=1).values == mask.int()).all())
+        h = self.hidden(ids, None if right_padded else mask)[:, :-1].reshape(-1, self.config.hidden)  # [N, h], N = B (T-1)
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1)  # [N]
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], LOSS_CHUNK):
+            args = (h[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK])
+            total = total + (checkpoint(self._chunk_loss, *args)
+                             if self.checkpointing and self.training else self._chunk_loss(*args))
+        return total / (labels != -100).sum()
+
+    def _chunk_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
+
+
+class LoraLinear(nn.Module):
+    """PEFT's LoRA Linear, one adapter: base_layer frozen, lora_A and lora_B trained in float32."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base_layer, self.scaling = base, alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)  # type: ignore[arg-type]
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)  # type: ignore[arg-type]
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return (y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling).to(y.dtype)
+
+
+def load(folder: Path, precision: Precision) -> LeanLlama:
+    """The frozen base of `folder` in `precision`, read chunk by chunk (see lowmem); eval mode."""
+    config = LeanConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = LeanLlama(config).to(precision.compute_dtype)
+    if precision is Precision.int8:
+        quantize_linears(model)
+    fill(model, folder / "model.safetensors", precision.compute_dtype)
+    if config.tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise UserError(f"{folder / 'model.safetensors'} lacks tensors the config calls for: {left[:3]}")
+    return model.eval().requires_grad_(False)
+
+
+def attach_lora(model: LeanLlama, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
+    """Wrap every target linear with LoRA, A drawn under `seed` exactly as `pocketfed.model.lora.attach` draws it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if name in targets:
+                    setattr(module, name, LoraLinear(child, rank, alpha))
+
+
+def adapter_state(model: LeanLlama) -> dict[str, torch.Tensor]:
+    """A detached float32 copy of the adapter, keyed as `pocketfed.model.lora.get_state` keys it."""
+    return {PEFT_PREFIX + n: p.detach().float().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def set_adapter_state(model: LeanLlama, state: dict[str, torch.Tensor]) -> None:
+    """Load a PEFT-keyed adapter state in place; the key sets must match exactly."""
+    params = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if ".lora_" in n}
+    if set(params) != set(state):
+        raise ValueError(f"adapter keys do not match the model (missing {sorted(set(params) - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - set(params))[:3]})")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+
+
+class AdamW:
+    """torch.optim.AdamW's update (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"),
+    written out because torch.optim's first step imports torch._dynamo: +80 MB RSS (measured). Per step t:
+        p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    in the order of torch's single-tensor CPU path, so the two agree bit for bit (a test pins it)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps, self.t = list(params), lr, weight_decay, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        (b1, b2), self.t = self.betas, self.t + 1
+        c1, c2_sqrt = 1 - b1**self.t, (1 - b2**self.t) ** 0.5
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            p.mul_(1 - self.lr * self.wd)
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / c2_sqrt).add_(self.eps), value=-self.lr / c1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None

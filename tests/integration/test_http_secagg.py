@@ -1,0 +1,172 @@
+"""Secure aggregation over loopback TLS with the real device loop, on the `tiny` model.
+
+One coordinator (uvicorn, in a thread) and device loops (`run_device`, in threads). Round 0: five
+devices; one stops after sending its key shares (dropped before masking), one after sending its
+masked input (dropped after masking). The round commits and the new global adapter equals the
+plain mean of the survivors' clipped updates within secagg's fixed-point bound. Round 1: three of
+five devices stop after masking, leaving 2 < t = 3 to unmask: the round fails, the model is
+unchanged, and a retry with fresh devices commits.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars shine on quiet hills "
+         "and rivers run to the sea under old bridges where children sing of summer rain").split()
+CLIP, STAGE_S = 0.05, 8.0  # stages wait out their deadline when a device drops
+
+
+class Stop(Exception):
+    """Raised from a device's event hook: the device process 'dies' at that point."""
+
+
+def wait_for(what, cond, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
+    import uvicorn
+    from safetensors.torch import load as st_load
+
+    from pocketfed.config import load_config
+    from pocketfed.device import ledger, trainer
+    from pocketfed.device.runtime import run_device
+    from pocketfed.model import zoo
+    from pocketfed.model.zoo import tiny_dir
+    from pocketfed.privacy import dp, secagg
+    from pocketfed.server import coordinator as co
+    from pocketfed.transport.http.app import create_app
+    from pocketfed.transport.http.certs import make_dev_certs, server_files
+    from tests.integration.test_http_rounds import free_port
+
+    tiny_dir()
+    for i in range(12):
+        rng = random.Random(i)
+        (tmp_path / "data" / f"dev{i}").mkdir(parents=True)
+        (tmp_path / "data" / f"dev{i}" / "notes.txt").write_text(
+            "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) + "." for _ in range(8)))
+    make_dev_certs(tmp_path / "certs")
+    cfg = load_config(None, {
+        "model": {"name": "tiny"}, "data": {"seq_len": 32, "min_train_tokens": 32, "test_fraction": 0.2},
+        "train": {"steps": 2, "batch_size": 4, "lr": 5e-3}, "sim": {"rounds": 2, "seed": 0},
+        "privacy": {"secagg": True, "clip_norm": CLIP},
+        "deploy": {"goal": 5, "overselect": 1.0, "quorum": 3, "deadline_s": 150.0, "retry_s": 0.3,
+                   "secagg_stage_s": STAGE_S},
+    })
+
+    def init_params():
+        from pocketfed.model import lora
+        from pocketfed.model.zoo import load_base
+
+        return lora.get_state(lora.attach(load_base("tiny").model, cfg.lora, seed=cfg.sim.seed))
+
+    c = co.open_coordinator(tmp_path / "state", cfg, "tiny", init_params)
+    port = free_port()
+    cert, key = server_files(tmp_path / "certs")
+    server = uvicorn.Server(uvicorn.Config(create_app(c), host="127.0.0.1", port=port, log_level="warning",
+                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
+    threading.Thread(target=server.run, daemon=True).start()
+
+    updates: dict[tuple[str, int], object] = {}
+    real_run_task = trainer.run_task
+
+    one_at_a_time = threading.Lock()  # real devices are processes; threads here must not load or train at once
+
+    def recording_run_task(model, train, task):  # the test keeps each device's raw update to check the sum
+        with one_at_a_time:
+            result = real_run_task(model, train, task)
+        updates[(task.device_id, task.round)] = result.update
+        return result
+
+    def serial_load_base(*args, **kwargs):
+        with one_at_a_time:
+            return real_load_base(*args, **kwargs)
+
+    real_load_base = zoo.load_base
+    monkeypatch.setattr(trainer, "run_task", recording_run_task)
+    monkeypatch.setattr(zoo, "load_base", serial_load_base)
+    outcome: dict[str, str] = {}
+    events: list[tuple] = []
+    t0 = time.perf_counter()
+
+    def start(i: int, stop_at: tuple[int, str] | None = None) -> threading.Thread:
+        def hook(kind, info):
+            if kind not in ("wait", "unreachable"):
+                events.append((round(time.perf_counter() - t0, 2), i, kind, info))
+            if stop_at and kind == "secagg" and (info["round"], info["step"]) == stop_at:
+                raise Stop(f"dev{i} stops after {stop_at[1]}")
+
+        def run():
+            try:
+                run_device(f"https://127.0.0.1:{port}", tmp_path / "certs" / "ca.pem", tmp_path / "data" / f"dev{i}",
+                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=30, max_wait_s=0.5, on_event=hook)
+                outcome[f"dev{i}"] = "done"
+            except Stop as e:
+                outcome[f"dev{i}"] = str(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    def rounds():
+        return c.store.rounds()
+
+    t0 = time.perf_counter()
+    try:
+        wait_for("the server", lambda: c.store.open_round() is not None, 30)
+        # ---- round 0: dev3 drops before masking, dev4 after -----------------------------------
+        threads = [start(0, (1, "masked")), start(1), start(2), start(3, (0, "shares")), start(4, (0, "masked"))]
+        wait_for("round 0 to close", lambda: any(r.status != "open" for r in rounds()), 200)
+        round0_s = time.perf_counter() - t0
+        r0 = rounds()[0]
+        if r0.status != "committed":
+            print("\n".join(map(str, events)), r0.reason)
+        assert r0.status == "committed", r0.reason
+        assert r0.participants == ["dev0", "dev1", "dev2", "dev4"]
+        before, after = (st_load(c.store.get_blob(c.store.version(v).adapter_sha)) for v in (0, 1))
+        got = dp.flatten_update({k: after[k] - before[k] for k in after})
+        clipped = [dp.privatize_update(updates[(d, 0)], CLIP, 0.0)[0] for d in r0.participants]
+        expect = np.mean(clipped, axis=0)
+        bound = secagg.error_bound(5, cfg.privacy.frac_bits) / 4 + 1e-7
+        assert np.abs(got - expect).max() <= bound, np.abs(got - expect).max()
+        assert np.abs(expect).max() > 100 * bound
+
+        # ---- round 1, first try: 3 of 5 stop after masking; 2 < t = 3 unmask -> failed -------------
+        threads += [start(5, (1, "masked")), start(6, (1, "masked"))]
+        outcome_before = dict(outcome)
+        wait_for("round 1 to fail", lambda: len(rounds()) >= 2 and rounds()[1].status != "open", 90)
+        r1 = rounds()[1]
+        assert r1.status == "failed" and "threshold is 3" in r1.reason, r1
+        assert c.store.latest_version().version == 1  # the model did not change
+        # ---- round 1, retry: fresh devices join the two left; it commits ----------------------------
+        threads += [start(i) for i in (7, 8, 9)]
+        wait_for("the retry to commit", lambda: c.store.latest_version().version == 2, 90)
+        assert rounds()[2].status == "committed" and rounds()[2].idx == 1
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        server.should_exit = True
+    total_s = time.perf_counter() - t0
+    print(f"secagg over HTTPS: round 0 (5 devices, 2 dropouts) {round0_s:.1f} s; all rounds {total_s:.1f} s")
+    assert outcome_before["dev3"] == "dev3 stops after shares" and outcome_before["dev4"] == "dev4 stops after masked"
+    assert outcome["dev0"] == "dev0 stops after masked" and outcome["dev1"] == "done", outcome
+
+    # ---- the ledgers: every secagg message written down; the summary says what left ---------------------
+    kinds = {k for k, _ in ledger.summarize(tmp_path / "homes" / "dev1").by_kind.items()}
+    assert kinds == {"metrics", "secagg_keys", "secagg_shares", "masked_update", "unmask_shares"}
+    sentence = ledger.summarize(tmp_path / "homes" / "dev1").sentence
+    assert "model updates (masked), key-agreement messages, metrics; no raw data left this device" in sentence
+    assert set(ledger.summarize(tmp_path / "homes" / "dev3").by_kind) == {"metrics", "secagg_keys", "secagg_shares"}
