@@ -18,6 +18,10 @@ its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of c
   place, so decode does not copy the cache each step. Its size is fixed when a Generator is made,
   so we size it per request (prompt + max_tokens) instead of the model's 8k context, which would
   cost 30 layers x 2 x 3 heads x 8192 x 64 x 4 B = 377 MB of RSS.
+- prefill in chunks of PREFILL_CHUNK = 64 tokens: ORT's arena keeps the peak of the largest step, so
+  a 1,024-token prompt in one step left ~100 MB more resident than in 64-token steps (onnx-int4,
+  peak RSS at 1,024 context: 360 MB in one step, 313 in 256-token chunks, 306 in 128, 290 in 64
+  with the separate embedding table), at no cost in prefill time (2.88 s vs 2.73 s).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pocketfed.errors import UserError
 INTRA_OP_THREADS = 1
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 SHARE_KV_BUFFER = True
+PREFILL_CHUNK = 64
 
 ONNX_FORMATS = ("onnx-fp32", "onnx-int8", "onnx-int4")
 
@@ -164,7 +169,9 @@ class Session:
         common = min(common, len(ids) - 1)  # always run at least one token to get logits
         if common < len(self.tokens):
             self.generator.rewind_to(common)
-        self.generator.append_tokens(np.asarray(ids[common:], dtype=np.int32))
+        new = np.asarray(ids[common:], dtype=np.int32)
+        for start in range(0, len(new), PREFILL_CHUNK):
+            self.generator.append_tokens(new[start:start + PREFILL_CHUNK])
         self.steps += len(ids) - common
         self.tokens = list(ids)
         return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)

@@ -244,6 +244,12 @@ def test_central_dp_epsilon_per_round_restart_and_budget_stop(tmp_path):
     assert status.rounds[0].metrics["epsilon"] == pytest.approx(eps[0], rel=1e-9)
     assert status.privacy is not None and status.privacy["epsilon"] == pytest.approx(eps[0], rel=1e-9)
     assert status.privacy["rounds"] == 1 and not status.stopped
+    # the server added N(0, (z C)^2) to the sum, then divided by goal: std z C / goal on the mean.
+    # 32 coordinates: the RMS / std ratio lies in [0.5, 1.6] but for ~1e-5 of draws (chi-square, 32 dof)
+    got = dp.flatten_update({k: params_of(c, 1)[k] - params_of(c, 0)[k] for k in SHAPES})
+    noise = got - dp.clip_vector(dp.flatten_update(delta(1)), CLIP)
+    rms, std = float(np.sqrt(np.mean(noise ** 2))), z * CLIP / 2
+    assert 0.5 * std < rms < 1.6 * std, (rms, std)
     c.store.close()
     c = make(tmp_path, privacy, goal=2, quorum=1)  # a restart: the ledger comes back from the store
     app = app_for(c)
@@ -253,3 +259,31 @@ def test_central_dp_epsilon_per_round_restart_and_budget_stop(tmp_path):
     assert status.rounds_applied == 2 < status.rounds_planned
     late = device(app, "late").checkin(OK)
     assert late.done and late.task is None and "privacy budget" in late.reason
+
+
+def test_secagg_with_distributed_dp_carries_each_devices_noise_share(tmp_path):
+    z, n = 1.0, 4
+    c = make(tmp_path, {"secagg": True, "dp": "distributed", "noise_multiplier": z}, goal=n)
+    app = app_for(c, Clock())
+    parties = [Party(app, f"d{i}") for i in range(n)]
+    for p in parties:
+        p.checkin()
+        p.advertise()
+    for p in parties:
+        p.share()
+    share_std = parties[0].task.privacy.noise_std
+    assert share_std == pytest.approx(dp.distributed_noise_std(z, CLIP, n), rel=1e-12)  # z C / sqrt(n)
+    for i, p in enumerate(parties):  # each device: clip, then its own share of the noise, then mask
+        x, _ = dp.privatize_update(delta(i), p.task.privacy.clip_norm, p.task.privacy.noise_std)
+        p.mask(x)
+    for p in parties:
+        p.unmask()
+    status = parties[0].client.status()
+    assert status.rounds[0].status == "committed" and status.rounds[0].devices == n, status.rounds[0]
+    assert status.rounds[0].metrics["epsilon"] > 0
+    got = dp.flatten_update({k: params_of(c, 1)[k] - params_of(c, 0)[k] for k in SHAPES})
+    clean = np.sum([dp.clip_vector(dp.flatten_update(delta(i)), CLIP) for i in range(n)], axis=0) / n
+    # n shares of std z C / sqrt(n) sum to std z C, the central noise; / n on the mean.
+    # 32 coordinates: the RMS / std ratio lies in [0.5, 1.6] but for ~1e-5 of draws (chi-square, 32 dof)
+    rms, std = float(np.sqrt(np.mean((got - clean) ** 2))), z * CLIP / n
+    assert 0.5 * std < rms < 1.6 * std, (rms, std)
