@@ -27,7 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+from pocketfed.memory import drop_cached_library_pages, peak_rss_mb
+
+drop_cached_library_pages("torch")  # before torch is imported (see its docstring)
+import torch  # noqa: E402
 
 from pocketfed.config import LoraConfig, TrainConfig
 from pocketfed.data.federated import to_blocks
@@ -35,7 +38,6 @@ from pocketfed.device import energy, leanmodel
 from pocketfed.device.lowmem import Precision
 from pocketfed.device.planner import ModelShape, Plan, make_plan, predict_mb
 from pocketfed.device.profiles import DeviceProfile, get_profile
-from pocketfed.memory import peak_rss_mb
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) [B, T] -> mean loss
 
@@ -72,9 +74,10 @@ def batches(n_rows: int, batch_size: int, steps: int, generator: torch.Generator
         pos += batch_size
 
 
-def plain_plan(shape: ModelShape, profile: str, lora: LoraConfig, train: TrainConfig, seq_len: int) -> Plan:
+def plain_plan(shape: ModelShape, profile: str, lora: LoraConfig, train: TrainConfig, seq_len: int,
+               runtime_mb: float) -> Plan:
     """Plain fp32 LoRA at the configured rank, whole batch at once, no checkpointing (the reference)."""
-    mem = predict_mb(shape, Precision.fp32, lora.rank, lora.target_modules, train.batch_size, seq_len, False)
+    mem = predict_mb(shape, Precision.fp32, lora.rank, lora.target_modules, train.batch_size, seq_len, False, runtime_mb)
     return Plan(profile, Precision.fp32, lora.rank, tuple(lora.target_modules), train.batch_size, 1, seq_len,
                 False, mem, float("inf"))
 
@@ -176,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoraConfig(rank=args.rank)
         train = TrainConfig(steps=args.steps, batch_size=args.batch_size)
         profile = get_profile(args.profile, args.profiles_file)
-        plan = (plain_plan(shape, "plain", lora, train, args.seq_len) if args.plain
-                else make_plan(shape, profile, lora, train, args.seq_len, args.model))
+        runtime = rss_mb()  # this process, torch imported, no weight yet: what the plan sits on
+        plan = (plain_plan(shape, "plain", lora, train, args.seq_len, runtime) if args.plain
+                else make_plan(shape, profile, lora, train, args.seq_len, args.model, runtime))
     except UserError as e:
         print(json.dumps({"error": str(e)}))
         return 2

@@ -7,8 +7,12 @@ and the precision of the frozen base (fp32, bf16, or int8 dequantized on the fly
 `pocketfed.device.fit` runs it on the lean path (`pocketfed.device.leanmodel`); the profile's
 budget means the same:
 
-    runtime      RUNTIME_MB = 225: CPython + torch + pocketfed's device modules, resident before any
-                 weight (measured VmHWM: 223 MB, of which `import torch` is 223)
+    runtime      CPython + torch + pocketfed's device modules, resident before any weight. The
+                 training process measures it and plans on top of it (`pocketfed.device.fit`): it
+                 depends on the page cache, not only on the code: `import torch` measured 223 MB
+                 VmHWM with torch's libraries cold, 278 MB right after install, when the kernel
+                 maps in the cached pages around each one touched (libtorch_cpu.so: 50 vs 93 MB).
+                 RUNTIME_MB = 225 stands in where nothing is measured (`pocketfed budget plan`).
     weights      fp32: 4 P   bf16: 2 P   int8: 1 byte x decoder linears + 4 bytes x their rows
                  + 2 bytes x (embeddings, head, norms)
     adapter      16 bytes x LoRA params (fp32 weight, gradient, AdamW m and v)
@@ -149,7 +153,7 @@ class Plan:
 
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
-               micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
+               micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB) -> dict[str, float]:
     """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
     e = 4 if precision is Precision.fp32 else 2
     if precision is Precision.fp32:
@@ -167,8 +171,8 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
     logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
-    parts["predicted_peak"] = RUNTIME_MB + MARGIN * sum(parts.values()) + MARGIN_MB
-    parts["runtime"] = RUNTIME_MB
+    parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + MARGIN_MB
+    parts["runtime"] = runtime_mb
     return {k: round(v, 1) for k, v in parts.items()}
 
 
@@ -190,8 +194,9 @@ def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision
 
 
 def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train: TrainConfig,
-              seq_len: int, model_name: str = "the model") -> Plan:
-    """The first plan of `candidates` whose predicted peak fits `profile.train_memory_mb`."""
+              seq_len: int, model_name: str = "the model", runtime_mb: float = RUNTIME_MB) -> Plan:
+    """The first plan of `candidates` whose predicted peak fits `profile.train_memory_mb`, on top of
+    `runtime_mb` (the training process's own RSS before any weight, when it can measure it)."""
     rank = max(1, min(lora.rank, profile.max_rank))
     targets = tuple(lora.target_modules)
     unknown = [x for x in targets if x not in shape.module_dims()]
@@ -200,7 +205,7 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
                         f"valid: {', '.join(shape.module_dims())}")
     last: Plan | None = None
     for micro, ckpt, prec, t in candidates(train.batch_size, seq_len):
-        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt)
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb)
         last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
                     mem, profile.train_memory_mb)
         if train.batch_size % micro:  # accumulation must cover the batch exactly
@@ -212,7 +217,7 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
         f"{model_name} does not fit profile {profile.name!r}: its budget is {profile.train_memory_mb:.0f} MB "
         f"for training and the smallest plan (int8 base, micro-batch 1, sequence {last.seq_len}, "
         f"checkpointing, rank {rank}) needs {last.predicted_peak_mb:.0f} MB "
-        f"(the runtime {RUNTIME_MB:.0f} MB, weights {last.memory_mb['weights']:.0f} MB; budgets are whole-process RSS); "
+        f"(the runtime {runtime_mb:.0f} MB, weights {last.memory_mb['weights']:.0f} MB; budgets are whole-process RSS); "
         f"choose a larger profile or a smaller model"
     )
 

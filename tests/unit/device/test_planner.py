@@ -64,8 +64,9 @@ def test_measured_round_of_tiny_stays_within_its_prediction(tmp_path):
     """One round in a fresh process on the lean path. Prediction and measurement are both the whole
     process's peak RSS (VmHWM, so other processes on the machine enter neither). The prediction is an
     upper bound (its 10 % + 32 MB margin): measured <= predicted; and not a loose one: measured >= 75 %
-    of predicted (measured here: 84 %, 290 of 344 MB). The runtime floor the child measured (torch
-    imported, before any weight) is within 15 MB of the planner's RUNTIME_MB."""
+    of predicted (measured here: 84 %, 290 of 344 MB). The plan sits on the runtime the child measured
+    before planning (torch imported, no weight; it varies with the page cache, 223-279 MB here), and
+    the round read the same floor again before loading weights."""
     ids = tmp_path / "ids.pt"
     torch.save(torch.randint(3, 40000, (4000,), generator=torch.Generator().manual_seed(0)), ids)
     out = subprocess.run([sys.executable, "-W", "ignore", "-m", "pocketfed.device.fit", "--model", "tiny",
@@ -74,5 +75,5 @@ def test_measured_round_of_tiny_stays_within_its_prediction(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["plan"]["rank"] == 2 and r["tokens"] > 0 and r["path"] == "lean"
     assert 0.75 * r["predicted_mb"] <= r["peak_rss_mb"] <= r["predicted_mb"], r
-    assert abs(r["runtime_floor_mb"] - planner.RUNTIME_MB) <= 15, r
+    assert abs(r["runtime_floor_mb"] - r["plan"]["memory_mb"]["runtime"]) <= 15, r
     assert r["energy"]["joules"] > 0 and 0 < r["energy"]["battery_pct"] < 1
