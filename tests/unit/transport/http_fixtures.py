@@ -6,6 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
@@ -14,7 +15,7 @@ from pocketfed import codec
 from pocketfed.config import Codec, load_config
 from pocketfed.server import coordinator as co
 from pocketfed.transport.http.app import create_app
-from pocketfed.transport.http.client import DeviceClient
+from pocketfed.transport.http.client import DeviceClient, ServerRefused
 from pocketfed.transport.http.wire import Eligibility
 
 SHAPES = {"base_model.model.l0.lora_A.weight": (2, 8), "base_model.model.l0.lora_B.weight": (8, 2)}
@@ -69,3 +70,12 @@ def snapshot(folder: Path) -> dict[str, list]:
 
 def app_for(c: co.Coordinator, clock: Clock | None = None):
     return create_app(c, clock=clock or Clock())
+
+
+def refused(fn, status: int, code: str) -> ServerRefused:
+    """fn() is refused with this HTTP status and error code, and a sentence that says why."""
+    with pytest.raises(ServerRefused) as e:
+        fn()
+    assert (e.value.status, e.value.code) == (status, code), e.value
+    assert e.value.detail and e.value.detail != "None"
+    return e.value

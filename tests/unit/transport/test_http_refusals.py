@@ -12,23 +12,15 @@ from fastapi.testclient import TestClient
 
 from pocketfed.config import Codec
 from pocketfed.transport.http import auth
-from pocketfed.transport.http.client import DeviceClient, ServerRefused
+from pocketfed.transport.http.client import DeviceClient
 from pocketfed.transport.http.wire import CHUNK_MAX_BYTES
-from tests.unit.transport.http_fixtures import OK, SHAPES, app_for, device, make_coordinator, snapshot, update
+from tests.unit.transport.http_fixtures import OK, SHAPES, app_for, device, make_coordinator, refused, snapshot, update
 
 
 @pytest.fixture
 def server(tmp_path):
     c = make_coordinator(tmp_path)
     return c, app_for(c), tmp_path
-
-
-def refused(fn, status: int, code: str) -> ServerRefused:
-    with pytest.raises(ServerRefused) as e:
-        fn()
-    assert (e.value.status, e.value.code) == (status, code), e.value
-    assert e.value.detail and e.value.detail != "None"
-    return e.value
 
 
 def test_happy_path_round_commits(server):

@@ -17,8 +17,7 @@ from pocketfed.config import Codec, load_config
 from pocketfed.privacy import accountant, dp, secagg
 from pocketfed.server import coordinator as co
 from pocketfed.transport import secagg_wire as sw
-from pocketfed.transport.http.client import ServerRefused
-from tests.unit.transport.http_fixtures import OK, SHAPES, Clock, app_for, device, init_params, snapshot
+from tests.unit.transport.http_fixtures import OK, SHAPES, Clock, app_for, device, init_params, refused, snapshot
 
 CLIP = 0.5
 
@@ -39,14 +38,6 @@ def full_snapshot(folder) -> dict:
     finally:
         db.close()
     return out
-
-
-def refused(fn, status: int, code: str) -> ServerRefused:
-    with pytest.raises(ServerRefused) as e:
-        fn()
-    assert (e.value.status, e.value.code) == (status, code), e.value
-    assert e.value.detail and e.value.detail != "None"
-    return e.value
 
 
 def delta(i: int) -> dict[str, torch.Tensor]:
