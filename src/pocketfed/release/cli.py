@@ -58,7 +58,7 @@ def export_cmd(
     _, manifest = read_manifest(folder)
     console.print(
         f"exported {manifest['format']} to {folder} ({manifest['total_bytes'] / 1e6:.1f} MB, "
-        f"base {manifest['base_model']}, {len(manifest['adapters'])} adapter(s) applied)"
+        f"base {manifest['base_model']}, {'personal' if manifest['personalized'] else 'global'} adapter)"
     )
 
 
