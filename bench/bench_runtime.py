@@ -2,8 +2,9 @@
 
     run(run_dir=None) -> list[dict]      (python bench/bench_runtime.py [RUN_DIR] prints the rows)
 
-Rows: transformers fp32 (baseline), our onnx-int8 and onnx-int4, and llama.cpp on our gguf-q4_0
-when `llama_cpp` is importable (otherwise that row is skipped). Each runtime is measured in its own
+Rows: transformers fp32 (baseline), our onnx-int8 and onnx-int4 (1 and 2 threads), and, when
+`llama_cpp` is importable (`pip install '.[llama]'`; otherwise those rows are skipped), llama.cpp on
+our gguf-q4_0 export (1 and 2 threads) and on the shipped Q4_1 base file (2 threads). Each runtime is measured in its own
 subprocess (peak RSS = VmHWM of that process alone). Metrics (see pocketfed.runtime.bench):
 decode tok/s at 128 and 1,024 tokens of context, time to first token for a 64-token prompt, suggest
 latency p50/p95 while "typing" a sentence, peak RSS, size on disk, and Hamlet perplexity over 2,000
@@ -275,8 +276,15 @@ def run(run_dir: str | None = None) -> list[dict]:
     # the second core: llama.cpp's ~150 tok/s reference was measured with 2 threads
     rows.append({"runtime": "onnxruntime-genai onnx-int4", "threads": 2} | _in_subprocess("onnx", str(folder), 2))
     if importlib.util.find_spec("llama_cpp") is not None:
+        from pocketfed.model.zoo import SMOLLM2_GGUF, _smollm2_package_dir
+
         folder = export(run_dir, "gguf-q4_0", work / "gguf-q4_0")
-        rows.append({"runtime": "llama.cpp gguf-q4_0"} | _in_subprocess("llama_cpp", str(folder / "model.gguf"), threads))
+        for t in (threads, 2):
+            rows.append({"runtime": "llama.cpp gguf-q4_0 (our export)", "threads": t}
+                        | _in_subprocess("llama_cpp", str(folder / "model.gguf"), t))
+        # the reference the goal names: the shipped Q4_1 base (no adapter), 2 threads
+        shipped = str(_smollm2_package_dir() / SMOLLM2_GGUF)
+        rows.append({"runtime": "llama.cpp, shipped Q4_1 base (no adapter)", "threads": 2} | _in_subprocess("llama_cpp", shipped, 2))
     if trained:
         gain = _in_subprocess("personal", run_dir, threads)
         rows.append({"runtime": "personalization gain (own test split ppl, personal vs global)", "notes": json.dumps(gain)})
