@@ -24,12 +24,14 @@ biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketfed.device.lowmem import Precision, fill, quantize_linears
+from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
 
 LOSS_CHUNK = 32  # positions per chunk of the loss: 32 x 49152 float32 logits = 6 MB for SmolLM2
@@ -44,17 +47,11 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's
 
 
 @dataclass(frozen=True)
-class LeanConfig:
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float
-    rope_theta: float
-    tied: bool
+class LeanConfig(ModelShape):
+    """The model's shape, plus what its forward pass needs."""
+
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
 
     @staticmethod
     def from_folder(folder: Path) -> "LeanConfig":
@@ -66,10 +63,8 @@ class LeanConfig:
         if any(unsupported.values()):
             raise UserError(f"{folder / 'config.json'}: the device trainer supports Llama decoders with SiLU, no biases and "
                             f"the default rotary embedding; this config differs in {[k for k, v in unsupported.items() if v]}")
-        heads = int(c["num_attention_heads"])
-        return LeanConfig(int(c["vocab_size"]), int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"]),
-                          heads, int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or c["hidden_size"] // heads),
-                          float(c.get("rms_norm_eps", 1e-6)), float(rope["rope_theta"]), bool(c.get("tie_word_embeddings", False)))
+        shape = ModelShape.from_config(SimpleNamespace(**c))
+        return LeanConfig(**dataclasses.asdict(shape), eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(rope["rope_theta"]))
 
 
 def checkpoint(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:

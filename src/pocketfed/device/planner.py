@@ -40,88 +40,21 @@ before any of this. Nothing fits -> UserError naming the profile, the budget and
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from pocketfed.config import LoraConfig, TrainConfig
 from pocketfed.device.leanmodel import LOSS_CHUNK
 from pocketfed.device.lowmem import INT8_MODULES, Precision
 from pocketfed.device.profiles import DeviceProfile
+from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
 
 MB = 1 << 20
 MIN_SEQ = 32
 MARGIN, MARGIN_MB = 1.10, 32.0
 RUNTIME_MB = 225.0
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner needs of a Llama-shaped decoder's config."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-
-    @staticmethod
-    def from_config(config: Any) -> "ModelShape":
-        try:
-            heads = int(config.num_attention_heads)
-            return ModelShape(
-                vocab=int(config.vocab_size), hidden=int(config.hidden_size),
-                intermediate=int(config.intermediate_size), layers=int(config.num_hidden_layers),
-                heads=heads, kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-                head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-                tied=bool(getattr(config, "tie_word_embeddings", False)),
-            )
-        except AttributeError as e:
-            raise UserError(f"the planner understands Llama-shaped decoders; this config lacks {e.name!r}") from None
-
-    @staticmethod
-    def from_folder(folder: Path) -> "ModelShape":
-        """The shape from the folder's config.json alone (no transformers, no weights)."""
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not read {folder / 'config.json'}: {e}") from None
-        return ModelShape.from_config(SimpleNamespace(**config))
-
-    def module_dims(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear of one decoder layer."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:  # decoder linears, all layers
-        return self.layers * sum(a * b for a, b in self.module_dims().values())
-
-    @property
-    def other_params(self) -> int:  # embeddings, head (if untied), norms
-        emb = self.vocab * self.hidden
-        return emb * (1 if self.tied else 2) + self.hidden * (2 * self.layers + 1)
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.other_params
-
-    def lora_params(self, rank: int, targets: list[str]) -> int:
-        dims = self.module_dims()
-        return self.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
-
-    def flops_per_token(self, checkpointing: bool) -> float:
-        """Training FLOPs per token with a frozen base: forward 2N, backward through activations
-        2N (no weight gradients), plus 2N for the recomputed forward under checkpointing."""
-        n = self.linear_params + self.vocab * self.hidden  # the head is a matmul; embeddings a lookup
-        return (6.0 if checkpointing else 4.0) * n
 
 
 @dataclass(frozen=True)
