@@ -170,12 +170,14 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         Console(stderr=True).print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
+    except Exception as e:  # usage errors arrive here in non-standalone mode
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # typer >= 0.29 raises its own copy of click's exceptions (typer.TyperException), which
+        # click.ClickException does not catch: both have show() and exit_code
+        if isinstance(e, click.exceptions.ClickException | typer.TyperException) and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
         raise
 
 

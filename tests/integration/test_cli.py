@@ -24,6 +24,8 @@ def pocketfed(*args, cwd=None):
         (["simulate", "--model", "tiny", "--devices", "many", "--out", "{tmp}/o"], "--devices must be a positive number or 'all'"),
         (["simulate", "--config", "{tmp}/nope.yaml"], "config file"),
         (["data", "stats", "{tmp}/missing"], "unknown dataset"),
+        (["generate", "--model", "{tmp}/m", "--max-tokens", "two", "x"], "Invalid value for '--max-tokens'"),  # typer's own
+        (["suggest", "--model", "{tmp}/m", "--threads", "0", "x"], "threads must be at least 1, not 0"),
     ],
 )
 def test_bad_input_is_one_sentence(tmp_path, args, words):
