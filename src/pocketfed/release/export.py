@@ -6,10 +6,10 @@ The whole job, top to bottom:
     1. load    the base model the run was trained on, refusing adapters made for another base
     2. merge   the run's adapter, W + dW_global, or the personal one (trained from the global
                one, so it holds it), W + dW_personal
-               (onnx-int4: no merge; the adapter's factors are read and kept as an fp32 side branch)
+               (onnx-int4: no merge; the adapter's factors are read and kept unmerged, see int4_lora)
     3. quantize + 4. write   into a temp folder beside --out:
          onnx-int4  base -> HF folder -> onnxruntime-genai builder (graph, KV cache, config), then
-                    release.int4_lora rewrites its MatMuls: Q4_1-style 4-bit base + LoRA branch,
+                    release.int4_lora rewrites its MatMuls: Q4_1-style 4-bit base + unmerged LoRA,
                     8-bit tied embedding / lm_head
          onnx-*     merged weights -> HF folder -> onnxruntime-genai builder (MatMulNBits int8 / fp32)
          gguf-*  merged weights -> llama.cpp tensors, Q8_0/Q4_0 blocks, BPE tokenizer metadata

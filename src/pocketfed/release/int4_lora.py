@@ -1,9 +1,9 @@
-"""onnx-int4 graph surgery: a Q4_1-style 4-bit base with the LoRA adapters kept unmerged, in fp32.
+"""onnx-int4 graph surgery: a Q4_1-style 4-bit base with the LoRA adapters kept unmerged.
 
 The onnxruntime-genai builder writes the decoder (GroupQueryAttention, KV cache, genai_config.json)
 from the *unmerged* base; this module then rewrites its weight MatMuls. It is hand-written because
 no library we know quantizes to float-offset Q4_1 blocks for ORT's MatMulNBits, nor keeps a LoRA
-adapter unmerged as a side branch of a quantized MatMul.
+adapter unmerged inside a quantized MatMul.
 
 Maths, for one linear y = x W^T, W: [N, K], blocks of 32 weights along K (b = k // 32, kb = K / 32):
 
@@ -16,14 +16,22 @@ Maths, for one linear y = x W^T, W: [N, K], blocks of 32 weights along K (b = k 
 
     i.e. the block sums of x ride along as kb extra inputs whose weights are r, itself stored as
     Q4_1-style 4-bit blocks of 32, whose rounding (<= d_r: half a step, plus its own dropped offset
-    residual) is the only loss left. The LoRA adapters stay unmerged, as an fp32 side branch
-    (PEFT: dW = s B A, s = alpha / r):
+    residual) is the only loss left. The LoRA adapters (PEFT: dW = s B A, s = alpha / r) ride along
+    the same way: h = x @ A^T is computed by the block-sum MatMul too, and (s B) becomes the weights
+    of h, in two symmetric 4-bit levels (s B = d1 (q1 - 8) + d2 (q2 - 8), the second level holding
+    the first one's rounding error, so |error| <= d2 / 2 ~ max|s B| / 200):
 
-        y += (x @ A^T) @ (s B)^T,   A = [A_global; A_personal],  B = [B_global | B_personal]
+        [s | h | h] = x @ [S | A^T | A^T]          (S: [K, kb] 0/1 block-sum matrix; pads omitted)
+        y = MatMulNBits([x, s, h, h];  [q | q_r | q_1 | q_2], ...)       K + kb + 2R inputs, one node
+
+    A = [A_q; A_k; A_v] for the packed qkv projection, B zero-padded to its rows of the output. A
+    decode step so runs 3 nodes per linear (MatMul, Concat, MatMulNBits) instead of 6 with an fp32
+    side branch (MatMul A, MatMul B, Add): fewer thread-pool wake-ups, measured in formats.py.
 
 SmolLM2-135M's base is dequantized from a Q4_1 GGUF, so its weights lie on this grid and the only
 losses are r's 4-bit rounding (Hamlet perplexity +0.09%, simulated in PyTorch) and the int8
-activations of accuracy_level 4. For other bases this is asymmetric 4-bit block-32 quantization.
+activations of accuracy_level 4, which round h too (+0.3% Hamlet perplexity on runs/demo against an
+fp32 side branch). For other bases this is asymmetric 4-bit block-32 quantization.
 Measured alternatives: ORT's CPU MatMulNBits accepts *float* zero points (z = -m/d, exact), but that
 path dequantizes per call (1.4 ms vs 26 us for a 576x1536 matmul); r dropped costs +21% perplexity;
 r as an fp32 side branch (MatMul per linear) was exact but cost 25% of decode speed; block sums
@@ -47,7 +55,8 @@ from pocketfed.errors import UserError
 BLOCK = 32
 SCHEME = ("linears: Q4_1-style asymmetric 4-bit, block 32 (fp16 scale, uint4 zero point; the float block offset's "
           "residual as 4-bit extra inputs on block sums); embedding / lm_head: 8-bit symmetric block 32 (Q8_0); "
-          "LoRA unmerged, fp32 side branch (ranks in lora_ranks)")
+          "LoRA unmerged: h = x A^T in fp32 as more extra inputs, s*B their two-level 4-bit weights "
+          "(ranks in lora_ranks)")
 # PEFT / HF module -> the builder's MatMul group (q, k and v share one packed qkv MatMul)
 _GROUP = {"q_proj": "attn/qkv_proj", "k_proj": "attn/qkv_proj", "v_proj": "attn/qkv_proj",
           "o_proj": "attn/o_proj", "gate_proj": "mlp/gate_proj", "up_proj": "mlp/up_proj", "down_proj": "mlp/down_proj"}
@@ -100,6 +109,31 @@ def represented(w: np.ndarray) -> np.ndarray:
     rq, rd, rz, _ = quantize_q4_1(np.pad(r, ((0, 0), (0, -r.shape[1] % BLOCK))))
     r_hat = (rd[..., None] * (rq.astype(np.float32) - rz[..., None])).reshape(n, -1)[:, : k // BLOCK]
     return (d[..., None] * (q.astype(np.float32) - z[..., None]) + r_hat[..., None]).reshape(n, k)
+
+
+LORA_LEVELS = 2  # 4-bit levels for s*B; one level alone: |error| <= max|s B| / 14
+
+
+def quantize_lora_b(b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """b: [N, R] (already scaled by s) -> LORA_LEVELS of (q [N, nb, 32] uint8, d [N, nb]), symmetric
+    4-bit (zero point 8) blocks of 32 along R, each level quantizing what the ones before left over:
+    b ~= sum of d * (q - 8)."""
+    n, r = b.shape
+    left = np.pad(b.astype(np.float32), ((0, 0), (0, -r % BLOCK))).reshape(n, -1, BLOCK)
+    levels = []
+    for _ in range(LORA_LEVELS):
+        d = np.abs(left).max(axis=-1) / 7
+        q = np.clip(np.rint(left / np.where(d > 0, d, 1.0)[..., None]), -7, 7)
+        levels.append(((q + 8).astype(np.uint8), d.astype(np.float32)))
+        left = left - d[..., None] * q
+    return levels
+
+
+def represented_lora_b(b: np.ndarray) -> np.ndarray:
+    """The s*B [N, R] the rewritten MatMulNBits computes with (for tests)."""
+    n, r = b.shape
+    total = sum(d[..., None] * (q.astype(np.float32) - 8) for q, d in quantize_lora_b(b))
+    return total.reshape(n, -1)[:, :r]
 
 
 def _pack_uint4(x: np.ndarray) -> np.ndarray:
@@ -155,7 +189,6 @@ def rewrite(folder: Path, base_weights: dict[str, np.ndarray], factors: list[Lor
         lora_by_group.setdefault(f"model.layers.{layer}.{_GROUP[proj].replace('/', '.')}", []).append((offset, f))
 
     new_nodes_before: dict[str, list[onnx.NodeProto]] = {}  # MatMulNBits node name -> nodes to put before it
-    new_nodes_after: dict[str, list[onnx.NodeProto]] = {}  # ... and after it
     layers = 1 + max(int(m.group(1)) for k in base_weights if (m := re.search(r"layers\.(\d+)\.", k)))
     for i in range(layers):
         for group in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj"):
@@ -168,42 +201,44 @@ def rewrite(folder: Path, base_weights: dict[str, np.ndarray], factors: list[Lor
             names = _QKV if group == "attn/qkv_proj" else (group.split("/")[1],)
             w = np.concatenate([base_weights[f"{hf}.{p}.weight"] for p in names], axis=0)  # [N, K]
             n, k = w.shape
+            kb = k // BLOCK
             q, d, z, r = quantize_q4_1(w)
             # the residual offsets r [N, kb] become kb more inputs, quantized like the weights
-            rq, rd, rz, _ = quantize_q4_1(np.pad(r, ((0, 0), (0, -r.shape[1] % BLOCK))))
-            kb = k // BLOCK
-            put(f"{prefix}.MatMul.weight_Q4", _pack_uint4(np.concatenate([q, rq], axis=1)))  # [N, kb + ceil(kb / 32), 16]
-            put(f"{prefix}.MatMul.weight_scales", np.concatenate([d, rd], axis=1))  # [N, kb + ceil(kb / 32)]
-            put(f"{prefix}.MatMul.weight_zp", _pack_uint4(np.concatenate([z, rz], axis=1)).reshape(-1))
+            rq, rd, rz, _ = quantize_q4_1(np.pad(r, ((0, 0), (0, -kb % BLOCK))))
+            blocks, scales, zeros = [q, rq], [d, rd], [z, rz]
+            augment = np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), np.float32))  # [K, kb]: sums
+            aug_name, k_total = f"block_sum/{k}", k + kb
+            lora = lora_by_group.pop(prefix, [])
+            if lora:  # [s | h | h] = x @ [S | A^T | A^T]; each part from a block boundary
+                a_t = np.concatenate([f.a.astype(np.float32) for _, f in lora], axis=0).T  # [K, R]
+                b = np.zeros((n, a_t.shape[1]), np.float32)  # [N, R]
+                col = 0
+                for offset, f in lora:
+                    b[offset:offset + f.b.shape[0], col:col + f.b.shape[1]] = f.scale * f.b
+                    col += f.b.shape[1]
+                parts = [augment]
+                for bq, bd in quantize_lora_b(b):
+                    parts.append(np.zeros((k, -sum(x.shape[1] for x in parts) % BLOCK), np.float32))
+                    parts.append(a_t)
+                    blocks.append(bq)
+                    scales.append(bd)
+                    zeros.append(np.full(bd.shape, 8, np.uint8))
+                augment = np.concatenate(parts, axis=1)
+                aug_name, k_total = f"{prefix}.lora_and_block_sum", k + augment.shape[1]
+            put(f"{prefix}.MatMul.weight_Q4", _pack_uint4(np.concatenate(blocks, axis=1)))  # [N, blocks, 16]
+            put(f"{prefix}.MatMul.weight_scales", np.concatenate(scales, axis=1))  # [N, blocks]
+            put(f"{prefix}.MatMul.weight_zp", _pack_uint4(np.concatenate(zeros, axis=1)).reshape(-1))
             del node.input[3:]
             node.input.append(f"{prefix}.MatMul.weight_zp")
-            attr(node, "K", k + kb)
-            # x_aug = [x, block sums of x]   [.., K + kb]
+            attr(node, "K", k_total)
+            # x_aug = [x, block sums of x (, h, h)]   [.., k_total]
             x, at = node.input[0], f"/{prefix}/offsets"
-            put(f"block_sum/{k}", np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), np.float32)))  # [K, kb]
+            put(aug_name, augment)
             new_nodes_before[node.name] = [
-                helper.make_node("MatMul", [x, f"block_sum/{k}"], [f"{at}/sums"], name=f"{at}/MatMul_sums"),
+                helper.make_node("MatMul", [x, aug_name], [f"{at}/sums"], name=f"{at}/MatMul_sums"),
                 helper.make_node("Concat", [x, f"{at}/sums"], [f"{at}/x_aug"], name=f"{at}/Concat", axis=-1),
             ]
             node.input[0] = f"{at}/x_aug"
-            # the LoRA branch, fp32
-            a_rows, b_cols = [], []
-            for offset, f in lora_by_group.pop(prefix, []):
-                b = np.zeros((n, f.b.shape[1]), np.float32)
-                b[offset:offset + f.b.shape[0]] = f.scale * f.b
-                a_rows.append(f.a.astype(np.float32))
-                b_cols.append(b)
-            if not a_rows:
-                continue
-            put(f"{prefix}.lora.A_T", np.ascontiguousarray(np.concatenate(a_rows, axis=0).T))  # [K, R]
-            put(f"{prefix}.lora.B_T", np.ascontiguousarray(np.concatenate(b_cols, axis=1).T))  # [R, N]
-            out, at = node.output[0], f"/{prefix}/lora"
-            node.output[0] = f"{out}/q4"
-            new_nodes_after[node.name] = [
-                helper.make_node("MatMul", [x, f"{prefix}.lora.A_T"], [f"{at}/h"], name=f"{at}/MatMul_A"),
-                helper.make_node("MatMul", [f"{at}/h", f"{prefix}.lora.B_T"], [f"{at}/delta"], name=f"{at}/MatMul_B"),
-                helper.make_node("Add", [f"{out}/q4", f"{at}/delta"], [out], name=f"{at}/Add"),
-            ]
     if lora_by_group:
         raise UserError(f"the adapter targets layers the model does not have: {sorted(lora_by_group)[:3]}")
 
@@ -234,7 +269,6 @@ def rewrite(folder: Path, base_weights: dict[str, np.ndarray], factors: list[Lor
     for x in nodes:
         graph.node.extend(new_nodes_before.get(x.name, []))
         graph.node.append(x)
-        graph.node.extend(new_nodes_after.get(x.name, []))
     used = {name for x in graph.node for name in x.input}
     for x in [x for x in graph.node if x.op_type == "Constant" and x.output[0] not in used]:
         graph.node.remove(x)

@@ -1,8 +1,9 @@
-"""onnx-int4: Q4_1-style blocks with the offset residual as extra inputs, LoRA kept unmerged (fp32).
+"""onnx-int4: Q4_1-style blocks with the offset residual as extra inputs, LoRA kept unmerged (its
+h = x A^T as more extra inputs, s*B as their two-level 4-bit weights).
 
 The graph surgery is tested exactly: with accuracy_level 0 (fp32 activations) the exported model must
-compute the PyTorch model whose linears are `represented(W)` plus the adapters' s*B@A, to float
-rounding; the shipped accuracy_level 4 adds int8 activation rounding, bounded separately.
+compute the PyTorch model whose linears are `represented(W)` plus the adapters' represented_lora_b(s*B)@A,
+to float rounding; the shipped accuracy_level 4 adds int8 activation rounding, bounded separately.
 """
 
 import json
@@ -17,7 +18,7 @@ from test_export import PROMPTS, torch_logits
 
 from pocketfed.model.zoo import load_base
 from pocketfed.release.export import export
-from pocketfed.release.int4_lora import quantize_q4_1, quantize_q8_0, represented
+from pocketfed.release.int4_lora import quantize_lora_b, quantize_q4_1, quantize_q8_0, represented, represented_lora_b
 from pocketfed.runtime import Session, load
 
 
@@ -71,8 +72,23 @@ def _accuracy_level_0(folder, tmp_path):
     return out
 
 
+def test_lora_b_two_levels_pinned():
+    b = np.array([[0.7, -0.35, 0.1, 0.0]], np.float32)
+    (q1, d1), (q2, d2) = quantize_lora_b(b)
+    assert d1.tolist() == [[pytest.approx(0.1)]]  # max|b| / 7
+    assert q1[0, 0, :5].tolist() == [15, 4, 9, 8, 8]  # round(b / 0.1) + 8; round(-3.5) = -4 (half to even)
+    # the first level leaves [0, 0.05, 0, 0]; the second holds it: d2 = 0.05 / 7, q2 = 7 + 8 there
+    assert d2.tolist() == [[pytest.approx(0.05 / 7)]] and q2[0, 0, 1] == 15
+    np.testing.assert_allclose(represented_lora_b(b), b, atol=1e-7)
+    rng = np.random.default_rng(2)
+    big = rng.standard_normal((16, 40)).astype(np.float32)  # two blocks of 32 per row
+    err = np.abs(represented_lora_b(big) - big)
+    assert err.max() <= np.abs(big).max() / 14 / 7 / 2 + 1e-7  # half the second level's step, at most
+
+
 def _reference(pf, adapters):
-    """PyTorch: linears -> represented(W), embedding -> its Q8_0 rounding, then the adapters merged."""
+    """PyTorch: linears -> represented(W), embedding -> its Q8_0 rounding, then the adapters merged
+    with their B as the graph holds it (represented_lora_b of s*B)."""
     base = load_base(str(pf.base_dir))
     with torch.no_grad():
         for name, p in base.model.named_parameters():
@@ -85,7 +101,14 @@ def _reference(pf, adapters):
                 p.copy_(torch.from_numpy(deq.reshape(w.shape)))
     model = base.model
     for path in adapters:
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        peft = PeftModel.from_pretrained(model, str(path))
+        with torch.no_grad():
+            for module in peft.modules():
+                if hasattr(module, "lora_B") and "default" in module.lora_B:
+                    s = module.scaling["default"]
+                    b = module.lora_B["default"].weight
+                    b.copy_(torch.from_numpy(represented_lora_b(s * b.numpy())) / s)
+        model = peft.merge_and_unload()
     return model, base.tokenizer
 
 
@@ -117,8 +140,13 @@ def test_lora_branch_is_present_and_unmerged(pf):
     assert m["quantization"]["lora_ranks"] == {"global": 8} and "Q4_1" in m["quantization"]["scheme"]
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     names = {t.name: list(t.dims) for t in graph.initializer}
-    assert names["model.layers.0.attn.qkv_proj.lora.A_T"] == [64, 3 * 8]  # q, k, v adapters side by side
-    assert names["model.layers.1.mlp.down_proj.lora.B_T"] == [8, 64]
+    # tiny: hidden 64 (2 blocks), q, k, v adapters of rank 8 side by side: [sums, pad | h, pad | h]
+    assert names["model.layers.0.attn.qkv_proj.lora_and_block_sum"] == [64, 32 + 32 + 3 * 8]
+    assert "model.layers.0.attn.qkv_proj.lora.A_T" not in names  # no fp32 side branch
+    nodes = {n.name: n for n in graph.node}
+    qkv = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.layers.0.attn.qkv"))
+    assert next(a.i for a in qkv.attribute if a.name == "K") == 64 + 32 + 32 + 3 * 8
+    assert not any("/lora/" in name for name in nodes)
     assert sum(n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 8 for a in n.attribute)
                for n in graph.node) == 1  # the lm_head
     assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 1
@@ -130,7 +158,7 @@ def test_personal_adapter_is_the_branch(pf, tmp_path):
     assert m["personalized"] and m["quantization"]["lora_ranks"] == {"personal": 4}
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     dims = {t.name: list(t.dims) for t in graph.initializer}
-    assert dims["model.layers.0.attn.qkv_proj.lora.A_T"] == [64, 2 * 4]  # personal q,v (it holds the global adapter)
+    assert dims["model.layers.0.attn.qkv_proj.lora_and_block_sum"] == [64, 32 + 32 + 2 * 4]  # personal q,v
     model, tok = _reference(pf, [pf.personal])
     err, spread = _max_error(_accuracy_level_0(out, tmp_path), model, tok)
     assert err < 1e-3 * spread, (err, spread)
