@@ -2,14 +2,14 @@
 
     run(run_dir=None) -> list[dict]      (python bench/bench_runtime.py [RUN_DIR] prints the rows)
 
-Rows: transformers fp32 (baseline), our onnx-int8 and onnx-int4 (1 and 2 threads), and, when
-`llama_cpp` is importable (`pip install '.[llama]'`; otherwise those rows are skipped), llama.cpp on
-our gguf-q4_0 export (1 and 2 threads) and on the shipped Q4_1 base file (2 threads). Each runtime is measured in its own
-subprocess (peak RSS = VmHWM of that process alone). Metrics (see pocketfed.runtime.bench):
+Rows: transformers fp32 (baseline, 2 threads), our onnx-int8 (2 spinning threads) and onnx-int4 (1
+thread, 2 sleeping, 2 spinning: the settings `runtime.load` chooses between), and, when `llama_cpp`
+is importable (`pip install '.[llama]'`; otherwise those rows are skipped), llama.cpp on our
+gguf-q4_0 export (1 and 2 threads) and on the shipped Q4_1 base file (2 threads). Each runtime is
+measured in its own subprocess (peak RSS = VmHWM of that process alone). Metrics (see pocketfed.runtime.bench):
 decode tok/s at 128 and 1,024 tokens of context, time to first token for a 64-token prompt, suggest
 latency p50/p95 while "typing" a sentence, peak RSS, size on disk, and Hamlet perplexity over 2,000
-tokens (500-token windows) relative to the fp32 merged model. Torch uses the same thread count as
-the ONNX runtime, so the comparison is like for like. The run is RUN_DIR, else runs/demo when it
+tokens (500-token windows) relative to the fp32 merged model. The run is RUN_DIR, else runs/demo when it
 holds a trained adapter; with neither, the adapter is a LoRA adapter with small random B (said in
 each row's notes). With a trained run, a last row gives the personalization gain (a device's own
 test-split perplexity, personal vs global adapter) in fp32 and after the onnx-int4 export.
@@ -135,13 +135,13 @@ def _child_transformers(run_dir: str, threads: int) -> dict[str, Any]:
     return row
 
 
-def _child_onnx(model_dir: str, threads: int) -> dict[str, Any]:
+def _child_onnx(model_dir: str, threads: int, spin: bool = False) -> dict[str, Any]:
     from pathlib import Path as P
 
     from pocketfed.runtime import load
     from pocketfed.runtime.bench import folder_mb, measure_model, perplexity
 
-    model = load(model_dir, threads=threads)
+    model = load(model_dir, threads=threads, spin=spin)
     row = measure_model(model)
     row["perplexity"] = round(perplexity(model, hamlet_text()), 3)
     row["size_mb"] = round(folder_mb(P(model_dir)), 1)
@@ -154,18 +154,20 @@ def _child_llama_cpp(gguf_path: str, threads: int) -> dict[str, Any]:  # runs on
     import numpy as np
     from llama_cpp import Llama
 
-    from pocketfed.runtime.bench import peak_rss_mb
+    from pocketfed.runtime.bench import DECODE_TOKENS, peak_rss_mb
 
     llm = Llama(model_path=gguf_path, n_ctx=1100, n_threads=threads, logits_all=True, verbose=False)
     filler = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 200, add_bos=False)
     row: dict[str, Any] = {}
-    for ctx in (128, 1024):
+    for ctx in (128, 1024):  # as pocketfed.runtime.bench.decode_tok_s: 1 / the median step time
         llm.reset()
         llm.eval(filler[:ctx])
-        start = time.perf_counter()
-        for _ in range(32):
+        times = []
+        for _ in range(DECODE_TOKENS):
+            start = time.perf_counter()
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        row[f"decode_tok_s@{ctx}"] = round(32 / (time.perf_counter() - start), 1)
+            times.append(time.perf_counter() - start)
+        row[f"decode_tok_s@{ctx}"] = round(1 / float(np.median(times)), 1)
     llm.reset()
     start = time.perf_counter()
     llm.eval(filler[:64])
@@ -237,7 +239,7 @@ def _child_personal(run_dir: str, threads: int) -> dict[str, Any]:
         row[f"fp32_ppl_{tag}"] = round(torch_ppl(fp32), 3)
         del fp32
         folder = export(run_dir, "onnx-int4", work / f"int4-{tag}", personal=personal)
-        row[f"int4_ppl_{tag}"] = round(perplexity_ids(load(folder, threads=threads), ids, window=window), 3)
+        row[f"int4_ppl_{tag}"] = round(perplexity_ids(load(folder, threads=threads, spin=False), ids, window=window), 3)
     for kind in ("fp32", "int4"):
         row[f"gain_{kind}"] = f"{100 * (1 - row[f'{kind}_ppl_personal'] / row[f'{kind}_ppl_global']):+.1f}%"
     return row
@@ -246,17 +248,19 @@ def _child_personal(run_dir: str, threads: int) -> dict[str, Any]:
 PERSONAL_CANDIDATES = 40
 
 
-def _in_subprocess(kind: str, path: str, threads: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, path, str(threads)],
+def _in_subprocess(kind: str, path: str, threads: int, spin: bool = False) -> dict[str, Any]:
+    """One child process; the row's `threads` says how many and, for ONNX, whether they spin."""
+    out = subprocess.run([sys.executable, __file__, "--child", kind, path, str(threads)] + ["--spin"] * spin,
                          capture_output=True, text=True, timeout=600)
+    label = f"{threads}" + ("" if kind != "onnx" or threads == 1 else ", spinning" if spin else ", sleeping")
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return {"threads": label,
+                "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return {"threads": label} | json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(run_dir: str | None = None) -> list[dict]:
     from pocketfed.release.export import export
-    from pocketfed.runtime.model import INTRA_OP_THREADS
 
     work = Path(tempfile.mkdtemp(prefix="pocketfed-bench-runtime-"))
     if run_dir is None and Path(DEMO_RUN, "adapter").is_dir():
@@ -265,32 +269,32 @@ def run(run_dir: str | None = None) -> list[dict]:
     notes = "trained adapter from " + str(run_dir) if run_dir else "LoRA adapter with small random B (no trained run)"
     if run_dir is None:
         run_dir = str(_random_adapter_run(work / "run"))
-    threads = INTRA_OP_THREADS
     rows: list[dict] = []
 
-    fp32 = {"runtime": "transformers fp32 (baseline)"} | _in_subprocess("transformers", run_dir, threads)
+    # torch's own thread pool (OpenMP) spins, as ORT's does with spin=True
+    fp32 = {"runtime": "transformers fp32 (baseline)"} | _in_subprocess("transformers", run_dir, 2)
     rows.append(fp32)
-    for fmt in ("onnx-int8", "onnx-int4"):
-        folder = export(run_dir, fmt, work / fmt)
-        rows.append({"runtime": f"onnxruntime-genai {fmt}"} | _in_subprocess("onnx", str(folder), threads))
-    # the second core: llama.cpp's ~150 tok/s reference was measured with 2 threads
-    rows.append({"runtime": "onnxruntime-genai onnx-int4", "threads": 2} | _in_subprocess("onnx", str(folder), 2))
+    folder = export(run_dir, "onnx-int8", work / "onnx-int8")
+    rows.append({"runtime": "onnxruntime-genai onnx-int8"} | _in_subprocess("onnx", str(folder), 2, spin=True))
+    folder = export(run_dir, "onnx-int4", work / "onnx-int4")
+    for threads, spin in ((1, False), (2, False), (2, True)):  # runtime.model's docstring: which when
+        rows.append({"runtime": "onnxruntime-genai onnx-int4"} | _in_subprocess("onnx", str(folder), threads, spin))
     if importlib.util.find_spec("llama_cpp") is not None:
         from pocketfed.model.zoo import SMOLLM2_GGUF, _smollm2_package_dir
 
         folder = export(run_dir, "gguf-q4_0", work / "gguf-q4_0")
-        for t in (threads, 2):
-            rows.append({"runtime": "llama.cpp gguf-q4_0 (our export)", "threads": t}
-                        | _in_subprocess("llama_cpp", str(folder / "model.gguf"), t))
+        for threads in (1, 2):  # llama.cpp's workers spin
+            rows.append({"runtime": "llama.cpp gguf-q4_0 (our export)"}
+                        | _in_subprocess("llama_cpp", str(folder / "model.gguf"), threads))
         # the reference the goal names: the shipped Q4_1 base (no adapter), 2 threads
         shipped = str(_smollm2_package_dir() / SMOLLM2_GGUF)
-        rows.append({"runtime": "llama.cpp, shipped Q4_1 base (no adapter)", "threads": 2} | _in_subprocess("llama_cpp", shipped, 2))
+        rows.append({"runtime": "llama.cpp, shipped Q4_1 base (no adapter)"} | _in_subprocess("llama_cpp", shipped, 2))
     if trained:
-        gain = _in_subprocess("personal", run_dir, threads)
-        rows.append({"runtime": "personalization gain (own test split ppl, personal vs global)", "notes": json.dumps(gain)})
+        gain = _in_subprocess("personal", run_dir, 2)
+        rows.append({"runtime": "personalization gain (own test split ppl, personal vs global)",
+                     "threads": gain.pop("threads"), "notes": json.dumps(gain)})
     ref = fp32.get("perplexity")
     for row in rows:
-        row.setdefault("threads", threads)
         row["notes"] = "; ".join(x for x in (row.get("notes"), notes) if x)
         if ref and row.get("perplexity"):
             row["ppl_vs_fp32"] = f"{100 * (row['perplexity'] / ref - 1):+.1f}%"
@@ -300,9 +304,11 @@ def run(run_dir: str | None = None) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, path, threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
-        child = {"transformers": _child_transformers, "onnx": _child_onnx, "llama_cpp": _child_llama_cpp,
-                 "personal": _child_personal}[kind]
-        print(json.dumps(child(path, threads)))
+        if kind == "onnx":
+            print(json.dumps(_child_onnx(path, threads, spin="--spin" in sys.argv)))
+        else:
+            child = {"transformers": _child_transformers, "llama_cpp": _child_llama_cpp, "personal": _child_personal}[kind]
+            print(json.dumps(child(path, threads)))
     else:
         start = time.time()
         for r in run(sys.argv[1] if len(sys.argv) > 1 else None):

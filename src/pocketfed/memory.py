@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 
 def peak_rss_mb() -> float:
@@ -47,3 +48,66 @@ def drop_cached_library_pages(package: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+MADV_RANDOM, MADV_DONTNEED = 1, 4  # <sys/mman.h> on Linux
+
+
+def release_mapped_file(path: str | Path) -> float:
+    """Give back this process's resident pages of read-only-used mappings of `path`; MB released.
+
+    Why: ONNX Runtime maps an external-data file (model.onnx.data) once per initializer. Loading
+    reads every initializer to prepack it, and the pages read stay mapped; then each embedding row
+    that GatherBlockQuantized reads maps 16 neighbouring cached pages too (fault-around). For an
+    onnx-int4 SmolLM2 that was 19 MB resident after load and 25-37 MB after a 1,024-token decode,
+    of a 28 MB embedding table of which a text uses a few hundred rows. So, for each mapping of the
+    file that holds no page of its own (Anonymous 0: nothing was written, so the file is what it
+    holds), madvise(MADV_RANDOM: no read-around) and madvise(MADV_DONTNEED: unmap
+    the pages; a later read faults the file's page back in), then drop the file from the page cache
+    so that fault-around finds no neighbours. Measured: peak RSS 292 -> 273 MB, no speed change.
+    Written by hand because Python's mmap.madvise only reaches mappings Python made. Linux only;
+    elsewhere it returns 0.
+    """
+    import ctypes
+    import os
+
+    target = str(Path(path).resolve())
+    mappings: list[list[int]] = []  # [start, end, kB written: Anonymous, the private copies of written pages]
+    try:
+        with open("/proc/self/smaps") as f:
+            current: list[int] | None = None
+            for line in f:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                    current = None
+                    if len(head) == 6 and head[5].strip() == target:
+                        current = [int(x, 16) for x in head[0].split("-")] + [0]
+                        mappings.append(current)
+                elif current is not None and head[0] == "Anonymous:":
+                    current[2] += int(head[1])
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0.0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    before = _rss_kb()
+    for start, end, written in mappings:
+        if not written:
+            madvise(start, end - start, MADV_RANDOM)
+            madvise(start, end - start, MADV_DONTNEED)
+    try:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    return max(0, before - _rss_kb()) / 1024
+
+
+def _rss_kb() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0

@@ -62,15 +62,24 @@ def export_cmd(
     )
 
 
+THREADS_HELP = "ONNX Runtime threads (default: 2, or 1 on a single-core device)"
+SPIN_HELP = ("whether idle worker threads spin (fast on an idle CPU, slow on a busy one); "
+             "default: spin when a core is free at start-up")
+Threads = Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)]
+Spin = Annotated[bool | None, typer.Option("--spin/--no-spin", help=SPIN_HELP, show_default=False)]
+
+
 def suggest_cmd(
     prefix: Annotated[str, typer.Argument(help="the text typed so far")],
     model: Annotated[Path, typer.Option("--model", help="an export folder (onnx-*)")],
     home: Annotated[Path | None, typer.Option("--home", help=HOME_HELP)] = None,
+    threads: Threads = None,
+    spin: Spin = None,
 ) -> None:
     """Show the three most likely next words, as a keyboard would."""
     from pocketfed.runtime import load, privacy_lock, suggest  # noqa: PLC0415
 
-    words = suggest(load(model), prefix)
+    words = suggest(load(model, threads, spin), prefix)
     print("  |  ".join(words) if words else "(no suggestion)")
     print(privacy_lock(model, _home(home)))
 
@@ -80,11 +89,13 @@ def generate_cmd(
     model: Annotated[Path, typer.Option("--model", help="an export folder (onnx-*)")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="new tokens at most")] = 64,
     home: Annotated[Path | None, typer.Option("--home", help=HOME_HELP)] = None,
+    threads: Threads = None,
+    spin: Spin = None,
 ) -> None:
     """Continue a prompt (greedy), streaming tokens as they come."""
     from pocketfed.runtime import generate, load, privacy_lock  # noqa: PLC0415
 
-    loaded = load(model)
+    loaded = load(model, threads, spin)
     print(prompt, end="", flush=True)
     for text in generate(loaded, prompt, max_tokens=max_tokens):
         print(text, end="", flush=True)
@@ -94,11 +105,13 @@ def generate_cmd(
 
 def bench_runtime_cmd(
     model: Annotated[Path, typer.Option("--model", help="an export folder (onnx-*)")],
+    threads: Threads = None,
+    spin: Spin = None,
 ) -> None:
     """Measure decode tok/s (128 and 1,024 context), time to first token, suggest latency, RSS, size."""
     from pocketfed.runtime.bench import measure  # noqa: PLC0415
 
-    row = measure(model)
+    row = measure(model, threads=threads, spin=spin)
     table = Table(title=f"runtime benchmark: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -2,8 +2,9 @@
 peak memory, size on disk. Used by `pocketfed bench-runtime` and bench/bench_runtime.py (which runs
 it in a fresh subprocess per model, so peak RSS is that model's alone).
 
-Definitions (greedy, batch 1, intra-op threads as in runtime.model):
-- decode_tok_s@C: tokens/s of DECODE_TOKENS single-token steps after a C-token context is cached;
+Definitions (greedy, batch 1, threads and spinning as `runtime.load` chooses or as given):
+- decode_tok_s@C: 1 / the median time of DECODE_TOKENS single-token steps after a C-token context
+  is cached (the median: one step that a neighbour's burst delays does not move it);
 - ttft_ms: a new KV cache + a 64-token prompt until the first token's logits, in ms (median of 3);
 - suggest_p50_ms / p95: `suggest` on the prefixes a user typing TYPED_TEXT word by word would
   produce (the cache keeps the shared prefix, as on a keyboard), after one warm-up call;
@@ -24,7 +25,7 @@ from pocketfed.memory import peak_rss_mb
 from pocketfed.runtime.model import LoadedModel, Session, load
 from pocketfed.runtime.suggest import SUGGEST_CACHE, suggest
 
-DECODE_TOKENS = 32
+DECODE_TOKENS = 64
 TYPED_TEXT = (
     "I will be home in a minute and then we can talk about the plans for the weekend if you want "
     "to come over to my place for dinner with the family tonight or tomorrow"
@@ -55,11 +56,13 @@ def decode_tok_s(model: LoadedModel, context: int, steps: int = DECODE_TOKENS,
     ids = context_ids(model, context)
     session = _sessions(model, new_session)(context + steps + 2)
     logits = session.feed(ids)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         ids.append(int(np.argmax(logits)))
         logits = session.feed(ids)
-    return steps / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return 1 / statistics.median(times)
 
 
 def ttft_ms(model: LoadedModel, prompt_tokens: int = 64, repeats: int = 3,
@@ -112,9 +115,10 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
-def measure(model_dir: str | Path, contexts: tuple[int, ...] = (128, 1024)) -> dict[str, Any]:
-    model = load(model_dir)
-    row: dict[str, Any] = {"format": model.manifest["format"]}
+def measure(model_dir: str | Path, contexts: tuple[int, ...] = (128, 1024), threads: int | None = None,
+            spin: bool | None = None) -> dict[str, Any]:
+    model = load(model_dir, threads, spin)
+    row: dict[str, Any] = {"format": model.manifest["format"], "threads": model.threads, "spinning": model.spin}
     row |= measure_model(model, contexts)
     row["size_mb"] = round(folder_mb(Path(model_dir)), 1)
     return row

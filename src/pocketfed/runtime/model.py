@@ -7,11 +7,17 @@ Runtime settings, chosen by measurement (SmolLM2-135M + LoRA, int4 block 32 accu
 prune_lm_head; this 2-core x86 box shared with other jobs, load average ~4; each configuration in
 its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of context):
 
-- intra_op_num_threads = 1.  1 thread: 127 / 73 and 112 / 76 tok/s; 2 threads (spinning, ORT's
-  default): 54 / 38 and 57 / 40; 2 threads with session.intra_op.allow_spinning=0: 108 / 84 vs
-  1 thread 155 / 86 in the same round. On a shared or busy CPU a second spinning thread loses more
-  than it gains; pass threads=2 to `load` on an idle dual-core device. With threads > 1 we turn
-  spinning off.
+- threads = min(2, usable CPUs), and spinning by measurement of the CPU at load time. ORT's worker
+  threads either spin between parallel sections (fast wake-up; ORT's default) or sleep (a futex
+  wake-up per MatMul). Measured on this 2-core box (onnx-int4 + runs/demo's adapter, decode tok/s at
+  128 / 1,024 context, best of 3):
+                                  idle CPU       one other core busy
+      1 thread                    96 / 70        98 / 70
+      2 threads, sleeping         101 / 91       100 / 76
+      2 threads, spinning         161 / 107      63 / 49
+  Spinning wins by 60% on an idle CPU and loses by 40% when another process wants a core, so
+  `load` samples /proc/stat for 0.1 s (the other processes' CPU use) and spins only where at least
+  one core is free for the second thread; `spin=True/False` (the CLI's --spin/--no-spin) decides.
 - graph_optimization_level = ORT_ENABLE_ALL (the GenAI default; the builder's graph is already fused).
 - enable_cpu_mem_arena stays on: off cost +100 MB peak RSS (376 vs 276 MB) for no speed gain.
 - past_present_share_buffer = true: the KV cache is one buffer of max_length positions updated in
@@ -22,11 +28,15 @@ its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of c
   a 1,024-token prompt in one step left ~100 MB more resident than in 64-token steps (onnx-int4,
   peak RSS at 1,024 context: 360 MB in one step, 313 in 256-token chunks, 306 in 128, 290 in 64
   with the separate embedding table), at no cost in prefill time (2.88 s vs 2.73 s).
+- after loading, the pages of model.onnx.data that loading left mapped are given back
+  (`pocketfed.memory.release_mapped_file`): peak RSS at 1,024 context 292 -> 273 MB.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +44,10 @@ from typing import Any
 import numpy as np
 
 from pocketfed.errors import UserError
+from pocketfed.memory import release_mapped_file
 
-INTRA_OP_THREADS = 1
+MAX_THREADS = 2  # measured on 2 cores only; more threads for a 135M model are untested
+SPIN_SAMPLE_S = 0.1
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 SHARE_KV_BUFFER = True
 PREFILL_CHUNK = 64
@@ -53,6 +65,8 @@ class LoadedModel:
     tokenizer: Any  # onnxruntime_genai.Tokenizer
     context_length: int
     eos_ids: tuple[int, ...]
+    threads: int = 1
+    spin: bool = False
     _token_text: list[str] | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -92,8 +106,54 @@ def read_manifest(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return folder, manifest
 
 
-def load(model_dir: str | Path, threads: int = INTRA_OP_THREADS) -> LoadedModel:
-    """Open an onnx-* export (reads manifest.json, checks the files it lists, loads the session)."""
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def other_cpu_load(sample_s: float = SPIN_SAMPLE_S) -> float | None:
+    """CPUs' worth of time other processes used over `sample_s` seconds (None where /proc/stat is
+    missing). Used to decide whether spinning worker threads would compete with someone."""
+
+    def busy_idle() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, idle
+
+    try:
+        b0, i0 = busy_idle()
+        own0 = sum(os.times()[:2])
+        time.sleep(sample_s)
+        b1, i1 = busy_idle()
+        own1 = sum(os.times()[:2])
+    except (OSError, ValueError, IndexError):
+        return None
+    total = (b1 - b0) + (i1 - i0)
+    if total <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    return max(0.0, cpus * (b1 - b0) / total - (own1 - own0) / sample_s)
+
+
+def choose_settings(threads: int | None = None, spin: bool | None = None) -> tuple[int, bool]:
+    """(threads, spin): given values are kept; missing ones are chosen as measured (module docstring)."""
+    if threads is None:
+        threads = min(MAX_THREADS, usable_cpus())
+    if threads < 1:
+        raise UserError(f"threads must be at least 1, not {threads}")
+    if spin is None:
+        others = other_cpu_load() if threads > 1 else None
+        spin = others is not None and others + threads <= usable_cpus() + 0.25
+    return threads, bool(spin and threads > 1)
+
+
+def load(model_dir: str | Path, threads: int | None = None, spin: bool | None = None) -> LoadedModel:
+    """Open an onnx-* export (reads manifest.json, checks the files it lists, loads the session).
+
+    threads / spin: ORT's intra-op threads and whether they spin; None chooses (`choose_settings`)."""
+    threads, spin = choose_settings(threads, spin)
     import onnxruntime_genai as og  # noqa: PLC0415  (heavy; only when a model is opened)
 
     folder, manifest = read_manifest(model_dir)
@@ -110,15 +170,15 @@ def load(model_dir: str | Path, threads: int = INTRA_OP_THREADS) -> LoadedModel:
     try:
         config = og.Config(str(folder))
         options: dict[str, Any] = {
-            "intra_op_num_threads": int(threads),
+            "intra_op_num_threads": threads,
             "inter_op_num_threads": 1,
             "graph_optimization_level": GRAPH_OPTIMIZATION,
+            "session.intra_op.allow_spinning": "1" if spin else "0",
         }
-        if threads > 1:
-            options["session.intra_op.allow_spinning"] = "0"
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         og_model = og.Model(config)
         tokenizer = og.Tokenizer(og_model)
+        release_mapped_file(folder / "model.onnx.data")  # what loading left resident (see there)
     except Exception as e:  # onnxruntime-genai raises plain RuntimeError/Exception for corrupt files
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"the model in {str(folder)!r} could not be loaded (corrupt file?): {first}") from None
@@ -132,6 +192,8 @@ def load(model_dir: str | Path, threads: int = INTRA_OP_THREADS) -> LoadedModel:
         tokenizer=tokenizer,
         context_length=int(genai.get("context_length", 2048)),
         eos_ids=eos_ids,
+        threads=threads,
+        spin=spin,
     )
 
 

@@ -174,3 +174,42 @@ def test_suggest_half_typed_word_three_completions_trailing_space_next_word(int4
         assert all(w.replace("'", "").replace("-", "").isalpha() for w in words), words
     after_space = suggest(int4, "To be, or not to be, that is the qu ")
     assert len(after_space) == 3 and not all(w.lower().startswith("qu") for w in after_space)
+
+
+def test_thread_settings_follow_the_cpu(monkeypatch):
+    from pocketfed.runtime import model as rt
+
+    monkeypatch.setattr(rt, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: 0.1)  # idle: the second thread may spin
+    assert rt.choose_settings() == (2, True)
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: 1.0)  # another process holds a core
+    assert rt.choose_settings() == (2, False)
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: None)  # no /proc/stat: do not spin
+    assert rt.choose_settings() == (2, False)
+    assert rt.choose_settings(threads=1, spin=True) == (1, False)  # nothing to spin for
+    assert rt.choose_settings(threads=2, spin=True) == (2, True)
+    monkeypatch.setattr(rt, "usable_cpus", lambda: 1)
+    assert rt.choose_settings() == (1, False)
+    with pytest.raises(UserError, match="threads must be at least 1"):
+        rt.choose_settings(threads=0)
+
+
+def test_other_cpu_load_sees_a_busy_process():
+    from pocketfed.runtime.model import other_cpu_load
+
+    if other_cpu_load() is None:
+        pytest.skip("no /proc/stat")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert other_cpu_load(0.5) > 0.5  # one spinning process: about one CPU
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_load_reports_its_settings(pf):
+    m = load(pf.export("onnx-int4"), threads=2, spin=False)
+    assert (m.threads, m.spin) == (2, False)
