@@ -50,9 +50,6 @@ def drop_cached_library_pages(package: str) -> None:
             os.close(fd)
 
 
-MADV_RANDOM, MADV_DONTNEED = 1, 4  # <sys/mman.h> on Linux
-
-
 def release_mapped_file(path: str | Path) -> float:
     """Give back this process's resident pages of read-only-used mappings of `path`; MB released.
 
@@ -62,13 +59,14 @@ def release_mapped_file(path: str | Path) -> float:
     onnx-int4 SmolLM2 that was 19 MB resident after load and 25-37 MB after a 1,024-token decode,
     of a 28 MB embedding table of which a text uses a few hundred rows. So, for each mapping of the
     file that holds no page of its own (Anonymous 0: nothing was written, so the file is what it
-    holds), madvise(MADV_RANDOM: no read-around) and madvise(MADV_DONTNEED: unmap
-    the pages; a later read faults the file's page back in), then drop the file from the page cache
-    so that fault-around finds no neighbours. Measured: peak RSS 292 -> 273 MB, no speed change.
-    Written by hand because Python's mmap.madvise only reaches mappings Python made. Linux only;
-    elsewhere it returns 0.
+    holds): madvise(MADV_RANDOM: no read-around) and madvise(MADV_DONTNEED: unmap the pages; a
+    later read faults the file's page back in); then drop the file from the page cache, so that
+    fault-around finds no neighbours. Measured (bench_runtime, onnx-int4): peak RSS 292 -> 264 MB,
+    no speed change. Written by hand because Python's mmap.madvise only reaches mappings Python
+    made. Linux only; elsewhere it returns 0.
     """
     import ctypes
+    import mmap
     import os
 
     target = str(Path(path).resolve())
@@ -77,7 +75,7 @@ def release_mapped_file(path: str | Path) -> float:
         with open("/proc/self/smaps") as f:
             current: list[int] | None = None
             for line in f:
-                head = line.split(maxsplit=5)
+                head = line.split(maxsplit=5) or [""]
                 if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
                     current = None
                     if len(head) == 6 and head[5].strip() == target:
@@ -86,14 +84,14 @@ def release_mapped_file(path: str | Path) -> float:
                 elif current is not None and head[0] == "Anonymous:":
                     current[2] += int(head[1])
         madvise = ctypes.CDLL(None, use_errno=True).madvise
+        advice = (mmap.MADV_RANDOM, mmap.MADV_DONTNEED)  # AttributeError where the platform has none
     except (OSError, AttributeError):
         return 0.0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     before = _rss_kb()
     for start, end, written in mappings:
-        if not written:
-            madvise(start, end - start, MADV_RANDOM)
-            madvise(start, end - start, MADV_DONTNEED)
+        for a in advice if not written else ():
+            madvise(start, end - start, a)
     try:
         fd = os.open(target, os.O_RDONLY)
         try:
