@@ -78,7 +78,7 @@ def _wait_ready(url: str, ctx: ssl.SSLContext, timeout: float = 120.0) -> float:
     raise RuntimeError("the coordinator did not come up")
 
 
-async def _device(i: int, client: Any, payload: bytes, lat: dict[str, list[float]], errors: list[str]) -> None:
+async def _device(i: int, client: Any, payload: bytes, lat: dict[str, list[float]], errors: list[str], token: str) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from pocketfed.transport.http import auth
@@ -96,7 +96,7 @@ async def _device(i: int, client: Any, payload: bytes, lat: dict[str, list[float
 
     try:
         pub = auth.public_hex(key)
-        await call("register", "POST", "/v1/register", json.dumps({"name": f"d{i:04d}", "public_key": pub}).encode())
+        await call("register", "POST", "/v1/register", json.dumps({"name": f"d{i:04d}", "public_key": pub, "enrollment_token": token}).encode())
         t0 = time.perf_counter()
         elig = {"charging": True, "idle": True, "unmetered": True, "free_memory_mb": 4096}
         task = (await call("checkin", "POST", "/v1/checkin", json.dumps({"eligibility": elig}).encode()))["task"]
@@ -114,15 +114,20 @@ async def _device(i: int, client: Any, payload: bytes, lat: dict[str, list[float
         errors.append(f"device {i}: {e}")
 
 
-async def _load(url: str, ctx: ssl.SSLContext, first: int, n: int, payloads: list[bytes]) -> tuple[dict, list[str], float]:
+async def _load(url: str, ctx: ssl.SSLContext, first: int, n: int, payloads: list[bytes], db: Path) -> tuple[dict, list[str], float]:
     import httpx
+
+    from pocketfed.server.coordinator import enroll
+    from pocketfed.server.store import Store
+
+    tokens = enroll(Store(db), n)  # as an operator would (`pocketfed enroll`), beside the running server
 
     lat: dict[str, list[float]] = {k: [] for k in ("register", "checkin", "chunk", "commit", "device")}
     errors: list[str] = []
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=url, verify=ctx, timeout=300, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(_device(first + i, client, payloads[i % len(payloads)], lat, errors) for i in range(n)))
+        await asyncio.gather(*(_device(first + i, client, payloads[i % len(payloads)], lat, errors, tokens[i]) for i in range(n)))
         wall = time.perf_counter() - t0
     return lat, errors, wall
 
@@ -159,7 +164,7 @@ def run() -> list[dict[str, Any]]:
         try:
             _wait_ready(url, ctx)
             # ---- 200 devices, one round ----------------------------------------------------------
-            lat, errors, wall = asyncio.run(_load(url, ctx, 0, DEVICES, payloads))
+            lat, errors, wall = asyncio.run(_load(url, ctx, 0, DEVICES, payloads, db))
             con = sqlite3.connect(db / "state.sqlite")
             metrics = json.loads(con.execute("SELECT metrics FROM rounds WHERE round_id = 1").fetchone()[0] or "{}")
             con.close()
@@ -176,7 +181,7 @@ def run() -> list[dict[str, Any]]:
                          + (f"; first error: {errors[0]}" if errors else ""),
             })
             # ---- restart: SIGKILL mid-round, restart, resume ------------------------------------------
-            lat2, errors2, _ = asyncio.run(_load(url, ctx, DEVICES, RESTART_DEVICES, payloads))
+            lat2, errors2, _ = asyncio.run(_load(url, ctx, DEVICES, RESTART_DEVICES, payloads, db))
             con = sqlite3.connect(db / "state.sqlite")
             before = con.execute("SELECT round_id, device_id, blob_sha FROM updates ORDER BY 1, 2").fetchall()
             con.close()

@@ -147,6 +147,8 @@ class DeployConfig:
     max_upload_mb: float = 64.0  # largest update a device may upload
     secagg_stage_s: float = 60.0  # with privacy.secagg: each stage after advertise (share, masked, unmask) lasts this long
     population: int = 0  # devices that may take part; DP accounts sample rate goal / population (0 = unknown: rate 1)
+    open_registration: bool = False  # True: any Ed25519 key may register (loopback trials); False: a new
+    # device spends a one-time enrollment token (`pocketfed enroll`), so strangers cannot join rounds
 
 
 class Availability(str, enum.Enum):

@@ -92,9 +92,11 @@ def test_rounds_over_tls_survive_kills(tmp_path):
 
     server_args = ["server", "--db", str(db), "--port", str(port), "--tls", "certs", "--config", "cfg.yaml"]
 
+    tokens: list[str] = []  # `pocketfed enroll`, once the server's state exists
+
     def device_args(i: int) -> list[str]:
         return ["device", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}",
-                "--home", f"homes/dev{i}", "--threads", "1", "--patience", "120"]
+                "--home", f"homes/dev{i}", "--threads", "1", "--patience", "120", "--enroll-token", tokens[i]]
 
     def open_round() -> tuple[int, int, int] | None:
         rows = db_rows(db, "SELECT round_id, idx FROM rounds WHERE status = 'open'")
@@ -110,6 +112,10 @@ def test_rounds_over_tls_survive_kills(tmp_path):
     devices: dict[int, subprocess.Popen] = {}
     try:
         wait_for("the server's first round", lambda: (db / "state.sqlite").exists() and open_round() is not None, 90)
+        enrolled = subprocess.run(py + ["enroll", "--db", str(db), "--count", str(DEVICES)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=120)
+        assert enrolled.returncode == 0, enrolled.stderr
+        tokens += enrolled.stdout.split()
         devices = {i: start(f"dev{i}", device_args(i)) for i in range(DEVICES)}
 
         # Round 1 (training round index 1): kill two devices that have not uploaded yet.

@@ -74,6 +74,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         return lora.get_state(lora.attach(load_base("tiny").model, cfg.lora, seed=cfg.sim.seed))
 
     c = co.open_coordinator(tmp_path / "state", cfg, "tiny", init_params)
+    tokens = co.enroll(c.store, 12)  # one per device, as an operator hands them out
     port = free_port()
     cert, key = server_files(tmp_path / "certs")
     server = uvicorn.Server(uvicorn.Config(create_app(c), host="127.0.0.1", port=port, log_level="warning",
@@ -112,7 +113,8 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         def run():
             try:
                 run_device(f"https://127.0.0.1:{port}", tmp_path / "certs" / "ca.pem", tmp_path / "data" / f"dev{i}",
-                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=30, max_wait_s=0.5, on_event=hook)
+                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=30, max_wait_s=0.5, on_event=hook,
+                           enrollment_token=tokens[i])
                 outcome[f"dev{i}"] = "done"
             except Stop as e:
                 outcome[f"dev{i}"] = str(e)

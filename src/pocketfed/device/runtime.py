@@ -223,7 +223,7 @@ def _trainer(current: Trainer | None, task: wire.TaskSpec, data_dir: Path, devic
 def run_device(
     server: str, ca: Path | None, data_dir: Path, home: Path, name: str | None = None,
     release_key: Path | None = None, threads: int = 1, max_rounds: int = 0, patience_s: float = 600.0,
-    max_wait_s: float = 60.0, on_event: Emit | None = None,
+    max_wait_s: float = 60.0, on_event: Emit | None = None, enrollment_token: str | None = None,
 ) -> int:
     """Take part in rounds until the server says training is finished. -> updates sent."""
     import torch
@@ -261,7 +261,18 @@ def run_device(
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
-    device_id = call(client.register, name)
+    if enrollment_token is not None and not wire.ENROLLMENT_TOKEN.fullmatch(enrollment_token):
+        raise UserError("--enroll-token is not a token `pocketfed enroll` prints (16-64 letters, digits, - or _)")
+
+    def register() -> str:
+        try:
+            return call(client.register, name, enrollment_token)
+        except http.ServerRefused as e:
+            if e.code in ("enrollment_required", "enrollment_refused", "name_taken", "key_registered"):
+                raise UserError(f"the server refused to register {name!r}: {e.detail}") from None
+            raise
+
+    device_id = register()
     trusted = trusted_release_key(home, release_key, lambda: call(client.release_key))
     emit("registered", {"device_id": device_id})
 
@@ -272,7 +283,7 @@ def run_device(
             reply = call(client.checkin, probe_eligibility())
         except http.ServerRefused as e:
             if e.code == "unknown_device":  # the server lost its state: register again
-                device_id = call(client.register, name)
+                device_id = register()
                 continue
             raise
         if reply.done:

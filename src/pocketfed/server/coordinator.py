@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ CODEC_DTYPES = {Codec.float32: {"float32"}, Codec.float16: {"float16"}, Codec.in
 UNKNOWN_ROUND, ROUND_CLOSED, NOT_ASSIGNED, DUPLICATE = "unknown_round", "round_closed", "not_assigned", "duplicate_upload"
 OFFSET_MISMATCH, TOO_LARGE, TRUNCATED, HASH_MISMATCH = "offset_mismatch", "upload_too_large", "truncated_upload", "hash_mismatch"
 INVALID_UPDATE, NAME_TAKEN, KEY_TAKEN = "invalid_update", "name_taken", "key_registered"
+NOT_ENROLLED, ENROLLMENT_REFUSED = "enrollment_required", "enrollment_refused"
 WRONG_STAGE, NOT_IN_COHORT, INVALID_SECAGG = "wrong_stage", "not_in_cohort", "invalid_secagg_message"
 STAGE_OF = {sw.KEYS: "advertise", sw.SHARES: "share", sw.MASKED: "masked", sw.UNMASK: "unmask"}
 
@@ -704,8 +706,9 @@ def commit_upload(c: Coordinator, round_id: int, device_id: str, size: int, sha2
 
 
 # ---- registration and status --------------------------------------------------------------------
-def register(c: Coordinator, name: str, public_key: str, now: float) -> str:
-    """Register a device under `name` with its Ed25519 key (idempotent for the same pair)."""
+def register(c: Coordinator, name: str, public_key: str, now: float, token: str | None = None) -> str:
+    """Register a device under `name` with its Ed25519 key (idempotent for the same pair). Unless
+    deploy.open_registration, a new pair spends a one-time enrollment token (`enroll`)."""
     with c.lock:
         owner = c.store.device_key(name)
         known = c.store.device_by_key(public_key)
@@ -715,8 +718,34 @@ def register(c: Coordinator, name: str, public_key: str, now: float) -> str:
             raise Refused(NAME_TAKEN, f"device name {name!r} is registered with another key; choose another --name")
         if known is not None:
             raise Refused(KEY_TAKEN, f"this key is already registered as device {known!r}")
-        c.store.add_device(name, public_key, now)
+        with c.store.transaction():
+            if not c.cfg.deploy.open_registration:
+                if not token:
+                    raise Refused(NOT_ENROLLED, "this coordinator registers enrolled devices only: run "
+                                  "`pocketfed enroll` on the server and give the device its token (--enroll-token)")
+                if not c.store.spend_enrollment(sha256_hex(token.encode()), name, now):
+                    raise Refused(ENROLLMENT_REFUSED, "the enrollment token is unknown, expired or already used; "
+                                  "ask the server's operator for a new one (`pocketfed enroll`)")
+            c.store.add_device(name, public_key, now)
         return name
+
+
+ENROLL_TTL_S = 7 * 86400.0
+
+
+def enroll(store: Store, count: int = 1, ttl_s: float = ENROLL_TTL_S, now: float | None = None) -> list[str]:
+    """`count` new one-time enrollment tokens, valid for `ttl_s` seconds. Only their sha256 is stored,
+    so the state folder does not hold a usable token; a token is 32 random bytes (secrets)."""
+    if count < 1 or count > 10_000:
+        raise UserError(f"--count must be between 1 and 10000, not {count}")
+    if not ttl_s > 0:
+        raise UserError(f"--ttl-hours must be positive, not {ttl_s / 3600:g}")
+    now = time.time() if now is None else now
+    tokens = [secrets.token_urlsafe(32) for _ in range(count)]
+    with store.transaction():
+        for token in tokens:
+            store.add_enrollment(sha256_hex(token.encode()), now, now + ttl_s)
+    return tokens
 
 
 def status(c: Coordinator, now: float) -> dict[str, Any]:

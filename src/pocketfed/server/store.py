@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS secagg_rounds (
     round_id INTEGER PRIMARY KEY, stage TEXT NOT NULL, stage_deadline REAL NOT NULL,
     params TEXT, cohort TEXT, graph_seed TEXT, survivors TEXT, dropped TEXT);
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_sha TEXT PRIMARY KEY, created_at REAL NOT NULL, expires_at REAL NOT NULL, device_id TEXT, used_at REAL);
 CREATE TABLE IF NOT EXISTS secagg_messages (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL,
     PRIMARY KEY (round_id, device_id, kind));
@@ -246,6 +248,14 @@ class Store:
 
     def touch_device(self, device_id: str, now: float) -> None:
         self._exec("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
+
+    def add_enrollment(self, token_sha: str, now: float, expires_at: float) -> None:
+        self._exec("INSERT INTO enrollments VALUES (?, ?, ?, NULL, NULL)", (token_sha, now, expires_at))
+
+    def spend_enrollment(self, token_sha: str, device_id: str, now: float) -> bool:
+        """Mark an unused, unexpired token as spent by `device_id`; False if there is no such token."""
+        return self._exec("UPDATE enrollments SET device_id = ?, used_at = ? WHERE token_sha = ? "
+                          "AND device_id IS NULL AND expires_at > ?", (device_id, now, token_sha, now)) == 1
 
     def count_devices(self) -> int:
         return int(self._rows("SELECT COUNT(*) FROM devices")[0][0])

@@ -45,8 +45,9 @@ class Clock:
 
 
 def device(app, name: str) -> DeviceClient:
+    """A registered device, enrolled as a real one is: a one-time token from the coordinator."""
     c = DeviceClient(TestClient(app), Ed25519PrivateKey.generate())
-    c.register(name)
+    c.register(name, co.enroll(app.state.coordinator.store)[0])
     return c
 
 

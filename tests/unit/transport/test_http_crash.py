@@ -15,7 +15,7 @@ ELIGIBLE = co.Eligibility(True, True, True, 4096)
 
 
 def _upload(c: co.Coordinator, name: str, scale: float) -> bool:
-    co.register(c, name, f"{abs(hash(name)):064x}"[-64:], time.time())
+    co.register(c, name, f"{abs(hash(name)):064x}"[-64:], time.time(), co.enroll(c.store)[0])
     a = co.checkin(c, name, ELIGIBLE, time.time())
     assert isinstance(a, co.Assignment)
     data = update(scale)
@@ -44,7 +44,7 @@ def test_killed_after_the_last_update_row_commits_once_on_restart(tmp_path):
     c = make_coordinator(tmp_path)
     assert not _upload(c, "a", 0.01)
     r = c.store.open_round()
-    co.register(c, "b", "b" * 64, time.time())
+    co.register(c, "b", "b" * 64, time.time(), co.enroll(c.store)[0])
     c.store.assign(r.round_id, "b", time.time())
     blob = c.store.put_blob(update(0.03))
     c.store.add_update(Update(r.round_id, "b", blob, 1, 10, {}, time.time()))  # then SIGKILL before the commit

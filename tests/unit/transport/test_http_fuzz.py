@@ -16,6 +16,7 @@ from schemathesis.checks import not_a_server_error
 
 from pocketfed.transport.http import auth
 from pocketfed.transport.http.client import DeviceClient
+from pocketfed.server import coordinator as co
 from tests.unit.transport.http_fixtures import OK, app_for, make_coordinator
 
 KEY = Ed25519PrivateKey.generate()
@@ -33,7 +34,7 @@ def app(tmp_path_factory):
     c = make_coordinator(tmp_path_factory.mktemp("fuzz"))
     app = app_for(c)
     d = DeviceClient(TestClient(app), KEY)
-    d.register("fuzzer")
+    d.register("fuzzer", co.enroll(c.store)[0])
     d.checkin(OK)  # an open round with this device assigned
     return app
 

@@ -39,6 +39,7 @@ STATUS = {
     co.UNKNOWN_ROUND: 404, co.ROUND_CLOSED: 409, co.NOT_ASSIGNED: 403, co.DUPLICATE: 409,
     co.OFFSET_MISMATCH: 409, co.TOO_LARGE: 413, co.TRUNCATED: 400, co.HASH_MISMATCH: 400,
     co.INVALID_UPDATE: 422, co.NAME_TAKEN: 409, co.KEY_TAKEN: 409,
+    co.NOT_ENROLLED: 403, co.ENROLLMENT_REFUSED: 403,
     co.WRONG_STAGE: 409, co.NOT_IN_COHORT: 403, co.INVALID_SECAGG: 422,
 }
 SECAGG_KINDS = {"keys": sw.KEYS, "shares": sw.SHARES, "unmask": sw.UNMASK}
@@ -166,12 +167,14 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
         x_pf_nonce: str | None = Header(None, alias="X-PF-Nonce", max_length=32),
         x_pf_signature: str | None = Header(None, alias="X-PF-Signature", max_length=128),
     ) -> wire.RegisterResponse:
-        """Register a device name with its Ed25519 key; signed by that key (proof of possession)."""
+        """Register a device name with its Ed25519 key; signed by that key (proof of possession), and
+        spending a one-time enrollment token unless the coordinator runs with open registration."""
         signed = await _signed(request)
         if signed.public_key != req.public_key:
             raise auth.AuthError(auth.BAD_SIGNATURE, "the request must be signed by the key being registered")
         await threaded(_fresh, signed, False)
-        return wire.RegisterResponse(device_id=await threaded(co.register, c, req.name, req.public_key, clock()))
+        return wire.RegisterResponse(device_id=await threaded(co.register, c, req.name, req.public_key, clock(),
+                                                              req.enrollment_token))
 
     @app.post(f"{wire.PREFIX}/checkin", response_model=wire.CheckinResponse, responses=ERRORS)
     async def checkin(req: wire.CheckinRequest, device: str = Depends(device_id)) -> wire.CheckinResponse:

@@ -1,4 +1,4 @@
-"""`pocketfed certs | server | device | status`: real federated rounds over HTTPS."""
+"""`pocketfed certs | server | enroll | device | status`: real federated rounds over HTTPS."""
 
 from __future__ import annotations
 
@@ -68,6 +68,21 @@ def server(
     uvicorn.run(create_app(coord), host=host, port=port, log_level="warning", **ssl)
 
 
+def enroll(
+    db: Path = typer.Option(Path("state"), "--db", help="The coordinator's state folder (pocketfed server --db)."),
+    count: int = typer.Option(1, "--count", "-n", help="How many one-time tokens to make."),
+    ttl_hours: float = typer.Option(168.0, "--ttl-hours", help="Hours each token stays valid."),
+) -> None:
+    """Print one-time enrollment tokens: a device registers once with one (`pocketfed device --enroll-token`)."""
+    from pocketfed.server.coordinator import enroll as make_tokens
+    from pocketfed.server.store import DB_FILE, Store
+
+    if not (db / DB_FILE).is_file():
+        raise UserError(f"--db {str(db)!r} holds no coordinator state; start `pocketfed server --db {db}` first")
+    for token in make_tokens(Store(db), count, ttl_hours * 3600):
+        print(token)
+
+
 def _model_id(name: str, cache_dir: str) -> str:
     if name in ("smollm2-135m", "tiny"):  # zoo names are their own ids (no model load on restart)
         return name
@@ -87,6 +102,8 @@ def device(
     threads: int = typer.Option(1, help="Torch threads for training (0 = torch's default)."),
     max_rounds: int = typer.Option(0, "--max-rounds", help="Stop after this many updates (0 = until training ends)."),
     patience: float = typer.Option(600.0, help="Give up after the server is unreachable this many seconds."),
+    enroll_token: Optional[str] = typer.Option(None, "--enroll-token", envvar="POCKETFED_ENROLL_TOKEN",
+                                               help="One-time token from `pocketfed enroll` (first registration only)."),
 ) -> None:
     """Take part in federated rounds: check in, train on --data locally, upload the update."""
     from pocketfed.device.runtime import run_device
@@ -96,7 +113,8 @@ def device(
             return
         console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
-    sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event)
+    sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event,
+                      enrollment_token=enroll_token)
     console.print(f"sent {sent} update{'s' * (sent != 1)}; the egress ledger is {home}/ledger.jsonl")
 
 
@@ -132,5 +150,6 @@ def status(
 def register(app: typer.Typer) -> None:
     app.command("certs")(certs)
     app.command("server")(server)
+    app.command("enroll")(enroll)
     app.command("device")(device)
     app.command("status")(status)

@@ -76,8 +76,8 @@ class DeviceClient:
         body = json.dumps(payload).encode() if payload is not None else b""
         return self._request(method, path_qs, body, signed=signed).json()
 
-    def register(self, name: str) -> str:
-        req = wire.RegisterRequest(name=name, public_key=auth.public_hex(self.key))
+    def register(self, name: str, enrollment_token: str | None = None) -> str:
+        req = wire.RegisterRequest(name=name, public_key=auth.public_hex(self.key), enrollment_token=enrollment_token)
         return wire.RegisterResponse.model_validate(self._json("POST", f"{wire.PREFIX}/register", req.model_dump())).device_id
 
     def checkin(self, eligibility: wire.Eligibility) -> wire.CheckinResponse:

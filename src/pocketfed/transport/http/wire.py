@@ -7,6 +7,7 @@ described here by name, shape and dtype.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,8 @@ JSON_MAX_BYTES = 64 * 1024  # any other request's body
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Hex128 = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
 DeviceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+ENROLLMENT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # `pocketfed enroll` prints 43 of these characters
+EnrollmentToken = Annotated[str, Field(pattern=ENROLLMENT_TOKEN.pattern)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MetricName = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")]
 
@@ -36,6 +39,7 @@ class ErrorResponse(Strict):
 class RegisterRequest(Strict):
     name: DeviceName
     public_key: Hex64  # the device's Ed25519 public key, raw, hex
+    enrollment_token: EnrollmentToken | None = None  # one-time; needed unless deploy.open_registration
     wire_version: Literal[1] = WIRE_VERSION
 
 
