@@ -97,6 +97,9 @@ class Coordinator:
     lock: threading.RLock = field(default_factory=threading.RLock)
     upload_locks: dict[Path, threading.Lock] = field(default_factory=dict)  # per upload in progress
     _budget_spent: dict[int, bool] = field(default_factory=dict)  # rounds_done -> would the next overspend
+    # (round_id, stage) -> the secagg routing every device of that stage reads (key directories or
+    # share bundles): its inputs are frozen once the stage opens, so it is built once, not per poll
+    _secagg_routing: dict[tuple[int, str], Any] = field(default_factory=dict)
 
     @property
     def dimension(self) -> int:
@@ -551,18 +554,32 @@ def secagg_view(c: Coordinator, round_id: int, device_id: str, now: float) -> di
         u = _sa_index(s).get(device_id)
         if s.stage == "advertise" or u is None:
             return out
-        graph = _sa_graph(c, s)
         out.update(index=u, params=s.params)
         if s.stage == "share":  # step 0 -> 1: N(u)'s public keys (`key_directories`)
-            directory = secagg.key_directories(_sa_config(s), _sa_adverts(c, s), graph)[u]
+            directory = _sa_routing(c, s)[u]
             out["neighbours"] = {v: {"enc_public": k[0].hex(), "mask_public": k[1].hex()} for v, k in directory.neighbours.items()}
         elif s.stage == "masked":  # step 1 -> 2: the ciphertexts addressed to u (`route_shares`)
-            bundles = secagg.route_shares(_sa_config(s), _sa_shares(c, s))
+            bundles = _sa_routing(c, s)
             out["shares"] = [{"sender": e.sender, "nonce": e.nonce.hex(), "ciphertext": e.ciphertext.hex()}
                              for e in (bundles[u].shares if u in bundles else ())]
         elif s.stage == "unmask":  # step 2 -> 3: U3 and D (`unmask_request`)
             out.update(survivors=s.survivors, dropped=s.dropped)
         return out
+
+
+def _sa_routing(c: Coordinator, s: SecAggRound) -> Any:
+    """Every device's key directory (stage "share") or share bundle (stage "masked"), built once per
+    stage: the adverts and shares are frozen when the stage opens. Without this, each device's poll
+    rebuilt all n devices' routing, O(n^2) work per stage."""
+    key = (s.round_id, s.stage)
+    if key not in c._secagg_routing:
+        if s.stage == "share":
+            routing = secagg.key_directories(_sa_config(s), _sa_adverts(c, s), _sa_graph(c, s))
+        else:
+            routing = secagg.route_shares(_sa_config(s), _sa_shares(c, s))
+        c._secagg_routing.clear()  # one stage at a time is asked for; the old ones never again
+        c._secagg_routing[key] = routing
+    return c._secagg_routing[key]
 
 
 def _drop_uploads(c: Coordinator, round_id: int) -> None:

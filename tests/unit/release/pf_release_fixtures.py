@@ -64,12 +64,12 @@ def make_adapter(base_name: str, out: Path, seed: int, lora: LoraConfig, b_std: 
     return base.model_id
 
 
-def make_run(root: Path, base_name: str, privacy: dict | None = PRIVACY) -> Path:
+def make_run(root: Path, base_name: str, privacy: dict | None = PRIVACY, rank: int = 8) -> Path:
     """A run folder as `pocketfed simulate --out` writes it."""
     root.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig()
     cfg.model.name = base_name
-    cfg.lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, target_modules=list(TARGETS))
+    cfg.lora = LoraConfig(rank=rank, alpha=2.0 * rank, dropout=0.0, target_modules=list(TARGETS))
     make_adapter(base_name, root / "adapter", seed=0, lora=cfg.lora)
     (root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     summary = {"rounds": 1}

@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from peft import PeftModel
+from pf_release_fixtures import make_run
 from test_export import PROMPTS, torch_logits
 
 from pocketfed.model.zoo import load_base
@@ -132,6 +133,15 @@ def test_int4_graph_computes_the_quantized_model_plus_lora(pf, tmp_path):
     # deliberately sharp tiny model; a wrong branch or block order is off by more than the std itself
     err4, _ = _max_error(out, model, tok)
     assert err4 < 0.6 * spread, (err4, spread)
+
+
+def test_adapter_wider_than_a_block_is_exact(pf, tmp_path):
+    # rank 16 on q, k and v: R = 48 inputs on the qkv MatMul, so each level of s*B spans two blocks
+    run = make_run(tmp_path / "run16", str(pf.base_dir), rank=16)
+    out = export(run, "onnx-int4", tmp_path / "int4-r16")
+    model, tok = _reference(pf, [run / "adapter"])
+    err, spread = _max_error(_accuracy_level_0(out, tmp_path), model, tok)
+    assert err < 1e-3 * spread, (err, spread)
 
 
 def test_lora_branch_is_present_and_unmerged(pf):

@@ -278,3 +278,32 @@ def test_secagg_with_distributed_dp_carries_each_devices_noise_share(tmp_path):
     # 32 coordinates: the RMS / std ratio lies in [0.5, 1.6] but for ~1e-5 of draws (chi-square, 32 dof)
     rms, std = float(np.sqrt(np.mean((got - clean) ** 2))), z * CLIP / n
     assert 0.5 * std < rms < 1.6 * std, (rms, std)
+
+
+def test_secagg_routing_is_built_once_per_stage_not_per_poll(tmp_path, monkeypatch):
+    calls = {"key_directories": 0, "route_shares": 0}
+    for name in calls:
+        real = getattr(secagg, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(secagg, name, counting)
+    clock = Clock()
+    c = make(tmp_path, {"secagg": True}, goal=5)
+    app = app_for(c, clock)
+    parties = [Party(app, f"d{i}") for i in range(5)]
+    for p in parties:
+        p.checkin()
+        p.advertise()
+    for p in parties:
+        p.share()
+        p.client.secagg_state(p.task.round_id)  # a second poll of the same stage
+    assert calls["key_directories"] == 2  # the check when the stage opens + one build for all 10 polls
+    for i, p in enumerate(parties):
+        p.mask(dp.flatten_update(delta(i)))
+    assert calls["route_shares"] == 1
+    for p in parties:
+        p.unmask()
+    assert parties[0].client.status().rounds[0].status == "committed"
