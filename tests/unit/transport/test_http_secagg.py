@@ -98,14 +98,20 @@ def params_of(c: co.Coordinator, version: int) -> dict[str, torch.Tensor]:
     return st_load(c.store.get_blob(v.adapter_sha))
 
 
-def test_secagg_round_with_dropouts_equals_plain_mean(tmp_path):
+def advertised(tmp_path, n: int = 5) -> tuple[Clock, co.Coordinator, list[Party]]:
+    """A secagg round of n devices (t = 3 for n = 5) whose devices all checked in and advertised keys."""
     clock = Clock()
-    c = make(tmp_path, {"secagg": True}, goal=5)  # n = 5, t = 3
+    c = make(tmp_path, {"secagg": True}, goal=n)
     app = app_for(c, clock)
-    parties = [Party(app, f"d{i}") for i in range(5)]
+    parties = [Party(app, f"d{i}") for i in range(n)]
     for p in parties:
         p.checkin()
         p.advertise()
+    return clock, c, parties
+
+
+def test_secagg_round_with_dropouts_equals_plain_mean(tmp_path):
+    clock, c, parties = advertised(tmp_path)
     for p in parties:
         p.share()
     vectors = [dp.flatten_update(delta(i)) for i in range(5)]
@@ -290,13 +296,7 @@ def test_secagg_routing_is_built_once_per_stage_not_per_poll(tmp_path, monkeypat
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(secagg, name, counting)
-    clock = Clock()
-    c = make(tmp_path, {"secagg": True}, goal=5)
-    app = app_for(c, clock)
-    parties = [Party(app, f"d{i}") for i in range(5)]
-    for p in parties:
-        p.checkin()
-        p.advertise()
+    _, _, parties = advertised(tmp_path)
     for p in parties:
         p.share()
         p.client.secagg_state(p.task.round_id)  # a second poll of the same stage
