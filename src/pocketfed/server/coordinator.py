@@ -54,7 +54,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pocketfed import codec
-from pocketfed.config import Codec, RunConfig, to_dict
+from pocketfed.config import Codec, RunConfig, load_config, to_dict
 from pocketfed.errors import UserError
 from pocketfed.privacy import accountant, dp, secagg
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
@@ -153,6 +153,15 @@ def state_from_bytes(data: bytes, rounds_applied: int) -> ServerState:
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
+def _with_defaults(config_json: str) -> dict[str, Any] | None:
+    """A stored config with the keys a newer pocketfed added at their defaults (None if it no longer
+    parses), so that upgrading does not make an existing state folder look like another run's."""
+    try:
+        return to_dict(load_config(None, json.loads(config_json)))
+    except (UserError, ValueError, TypeError, KeyError):
+        return None
+
+
 def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
                      init_params: Callable[[], AdapterState], now: float | None = None) -> Coordinator:
     """Open (or create) the state in `folder`. `init_params` is called only for a new state."""
@@ -160,7 +169,7 @@ def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
     store = Store(folder)
     config_json = json.dumps(to_dict(cfg), sort_keys=True)
     stored = store.get_meta("config")
-    if stored is not None and stored != config_json:
+    if stored is not None and stored != config_json and _with_defaults(stored) != to_dict(cfg):
         raise UserError(f"the state in {folder} was started with another config; use the same config or a new --db folder")
     key = signing.load_or_create_key(Path(folder))
     if store.latest_version() is None:

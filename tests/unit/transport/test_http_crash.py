@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
+import pytest
 import torch
 
 from pocketfed import codec
+from pocketfed.errors import UserError
 from pocketfed.server import coordinator as co
 from pocketfed.server.store import Update
 from tests.unit.transport.http_fixtures import SHAPES, make_coordinator, update
@@ -69,3 +72,18 @@ def test_deadline_with_and_without_quorum(tmp_path):
     rounds = c.store.rounds()
     assert [r.status for r in rounds] == ["committed", "aborted", "open"]
     assert rounds[2].base_version == 1 and rounds[2].idx == 1
+
+
+def test_a_state_from_before_a_new_config_key_still_opens(tmp_path):
+    import json
+
+    make_coordinator(tmp_path).store.close()
+    db = sqlite3.connect(tmp_path / "state.sqlite")
+    stored = json.loads(db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+    del stored["deploy"]["open_registration"]  # as a state written before that key existed
+    db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(stored, sort_keys=True),))
+    db.commit()
+    db.close()
+    make_coordinator(tmp_path).store.close()  # the missing key takes its default: the same run
+    with pytest.raises(UserError, match="started with another config"):
+        make_coordinator(tmp_path, goal=3)  # a real difference still refuses
