@@ -6,17 +6,28 @@ import resource
 from pathlib import Path
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process. Not ru_maxrss: Linux keeps that high-water mark across execve, so a
-    child started by a big parent (a test runner holding Ray and models) would report the parent's peak."""
+def _status_mb(field: str) -> float | None:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM), in MB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def rss_mb() -> float:
+    """The current resident set of this process, MB (0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process. Not ru_maxrss: Linux keeps that high-water mark across execve, so a
+    child started by a big parent (a test runner holding Ray and models) would report the parent's peak."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def drop_cached_library_pages(package: str) -> None:
@@ -88,7 +99,7 @@ def release_mapped_file(path: str | Path) -> float:
     except (OSError, AttributeError):
         return 0.0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    before = _rss_kb()
+    before = rss_mb()
     for start, end, written in mappings:
         for a in advice if not written else ():
             madvise(start, end - start, a)
@@ -100,12 +111,5 @@ def release_mapped_file(path: str | Path) -> float:
             os.close(fd)
     except (OSError, AttributeError):
         pass
-    return max(0, before - _rss_kb()) / 1024
+    return max(0.0, before - rss_mb())
 
-
-def _rss_kb() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0

@@ -28,15 +28,6 @@ class Stop(Exception):
     """Raised from a device's event hook: the device process 'dies' at that point."""
 
 
-def wait_for(what, cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     import uvicorn
     from safetensors.torch import load as st_load
@@ -50,7 +41,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     from pocketfed.server import coordinator as co
     from pocketfed.transport.http.app import create_app
     from pocketfed.transport.http.certs import make_dev_certs, server_files
-    from tests.integration.test_http_rounds import free_port
+    from tests.integration.test_http_rounds import free_port, wait_for
 
     tiny_dir()
     for i in range(12):

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pocketfed.memory import drop_cached_library_pages, peak_rss_mb
+from pocketfed.memory import drop_cached_library_pages, peak_rss_mb, rss_mb
 
 drop_cached_library_pages("torch")  # before torch is imported (see its docstring)
 import torch  # noqa: E402
@@ -40,12 +39,6 @@ from pocketfed.device.planner import ModelShape, Plan, make_plan, predict_mb
 from pocketfed.device.profiles import DeviceProfile, get_profile
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) [B, T] -> mean loss
-
-
-def rss_mb() -> float:
-    """The current resident set, MB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / (1 << 20)
 
 
 def fix_malloc_thresholds() -> None:
