@@ -48,7 +48,7 @@ def serve(db: str, port: int, certs: str) -> None:
 
     from pocketfed.config import load_config
     from pocketfed.server.coordinator import open_coordinator
-    from pocketfed.transport.http.app import create_app
+    from pocketfed.server.http.app import create_app
 
     t0 = time.perf_counter()
     cfg = load_config(None, _config(DEVICES))
@@ -81,7 +81,7 @@ def _wait_ready(url: str, ctx: ssl.SSLContext, timeout: float = 120.0) -> float:
 async def _device(i: int, client: Any, payload: bytes, lat: dict[str, list[float]], errors: list[str], token: str) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from pocketfed.transport.http import auth
+    from pocketfed.protocol import auth
 
     key = Ed25519PrivateKey.generate()
 
@@ -148,7 +148,7 @@ def _payloads(k: int) -> list[bytes]:
 
 
 def run() -> list[dict[str, Any]]:
-    from pocketfed.transport.http.certs import make_dev_certs
+    from pocketfed.server.http.certs import make_dev_certs
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pocketfed-bench-server-") as tmp:

@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     from pocketfed.device.trainer import run_task
     from pocketfed.model import lora
     from pocketfed.server.sampling import device_seed
-    from pocketfed.transport.messages import TrainTask
+    from pocketfed.protocol.messages import TrainTask
 
     w = workload()
     device = w["pool"][int(context.node_config["partition-id"])]

@@ -148,7 +148,7 @@ def _register_extensions() -> None:
     from pocketfed.device import cli as device_cli
     from pocketfed.privacy import cli as privacy_cli
     from pocketfed.release import cli as release_cli
-    from pocketfed.transport.http import cli as http_cli
+    from pocketfed import deploy_cli as http_cli
 
     for module in (privacy_cli, release_cli, http_cli, device_cli):
         module.register(app)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from pocketfed.files import write_atomic
 from pocketfed.config import DPMode, RunConfig, to_dict
 from pocketfed.data.federated import Blocks, load_dataset
 from pocketfed.device import fleet as fleet_mod
@@ -44,7 +44,7 @@ from pocketfed.server.aggregate import aggregate_round
 from pocketfed.server.availability import DroppingBackend
 from pocketfed.server.sampling import device_seed, sample_round, split_population
 from pocketfed.transport import make_backend
-from pocketfed.transport.messages import TrainResult
+from pocketfed.protocol.messages import TrainResult
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -57,13 +57,6 @@ def pooled(blocks: list[Blocks]) -> Blocks:
 class RunResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save_adapter(model, state: lora.AdapterState, folder: Path, model_id: str) -> None:
@@ -98,7 +91,7 @@ def simulate(
         raise UserError(f"--resume: {out} holds no {CHECKPOINT} to continue from")
     if not resume and ckpt_path.exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    _write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     emit("stage", {"name": "loading model"})
     base = load_base(cfg.model.name, cfg.model.cache_dir)
@@ -244,7 +237,7 @@ def simulate(
             "train_seconds": train_seconds,
         }
     )
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     from pocketfed.report import plot_report  # matplotlib is imported only when a report is drawn
 
     plot_report(history, summary, out / "report.png")

@@ -74,7 +74,7 @@ def wait_for(what: str, cond, timeout: float) -> None:
 
 def test_rounds_over_tls_survive_kills(tmp_path):
     from pocketfed.model.zoo import tiny_dir
-    from pocketfed.transport.http.certs import make_dev_certs
+    from pocketfed.server.http.certs import make_dev_certs
 
     tiny_dir()  # the model cache exists before 9 processes want it
     write_data(tmp_path / "data")

@@ -34,13 +34,13 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
 
     from pocketfed.config import load_config
     from pocketfed.device import ledger, trainer
-    from pocketfed.device.runtime import run_device
+    from pocketfed.device.agent import run_device
     from pocketfed.model import zoo
     from pocketfed.model.zoo import tiny_dir
     from pocketfed.privacy import dp, secagg
     from pocketfed.server import coordinator as co
-    from pocketfed.transport.http.app import create_app
-    from pocketfed.transport.http.certs import make_dev_certs, server_files
+    from pocketfed.server.http.app import create_app
+    from pocketfed.server.http.certs import make_dev_certs, server_files
     from tests.integration.test_http_rounds import free_port, wait_for
 
     tiny_dir()

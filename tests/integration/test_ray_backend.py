@@ -14,7 +14,7 @@ from pocketfed.model import lora
 from pocketfed.model.zoo import load_base
 from pocketfed.server.sampling import device_seed
 from pocketfed.simulate import simulate
-from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 from tests.conftest import tiny_config
 
 ray = pytest.importorskip("ray")

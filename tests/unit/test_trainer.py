@@ -6,7 +6,7 @@ from pocketfed.config import TrainConfig
 from pocketfed.data.federated import to_blocks
 from pocketfed.device.trainer import batches, run_task
 from pocketfed.model import lora
-from pocketfed.transport.messages import TrainTask
+from pocketfed.protocol.messages import TrainTask
 from tests.conftest import tiny_config
 
 

@@ -26,7 +26,7 @@ from pocketfed.device.profiles import DeviceProfile, assign_profile, load_profil
 from pocketfed.device.trainer import num_steps
 from pocketfed.errors import UserError
 from pocketfed.model import rank as rank_ops
-from pocketfed.transport.messages import TrainResult, TrainTask
+from pocketfed.protocol.messages import TrainResult, TrainTask
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
              ({name: (shape, dtype)}), encoded as safetensors;
 - "metrics": scalar metrics whose names are in `ALLOWED_METRICS` and whose values are real,
              finite numbers (a string would be a metric that carries text), encoded as JSON;
-- the secure-aggregation messages (`pocketfed.transport.secagg_wire`), each a set of named
+- the secure-aggregation messages (`pocketfed.protocol.secagg_wire`), each a set of named
   fixed-size arrays checked against the schema of its protocol step exactly like an update:
   "secagg_keys" (two X25519 public keys), "secagg_shares" (one sealed Shamir-share pair per
   neighbour), "masked_update" (the update, clipped, fixed-point and masked mod 2^k), and
@@ -108,7 +108,7 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
     Raises EgressRefused (after recording the refusal) for any kind outside `ALLOWED_KINDS`,
     a tensor or array outside the schema (name, shape or dtype), or a metric outside the
     allow-list or not a finite number. For the secure-aggregation kinds `schema` is the step's
-    (`pocketfed.transport.secagg_wire.*_schema`) and the arrays are numpy arrays.
+    (`pocketfed.protocol.secagg_wire.*_schema`) and the arrays are numpy arrays.
     """
     home = Path(home)
     try:

@@ -20,7 +20,7 @@ from peft import PeftModel
 from pocketfed.config import TrainConfig
 from pocketfed.data.federated import Blocks
 from pocketfed.model import lora
-from pocketfed.transport.messages import TrainResult, TrainTask
+from pocketfed.protocol.messages import TrainResult, TrainTask
 
 
 def num_steps(cfg: TrainConfig, n_rows: int) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pocketfed.files import write_atomic
 
 MANIFEST_SCHEMA = 1
 KEY_FILE = "release.key"
@@ -119,18 +119,6 @@ def verify(
     return m
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def load_or_create_key(folder: Path, name: str = KEY_FILE) -> Ed25519PrivateKey:
     """An Ed25519 private key kept as PEM in `folder/name` (mode 0600), created on first use.
 
@@ -144,10 +132,10 @@ def load_or_create_key(folder: Path, name: str = KEY_FILE) -> Ed25519PrivateKey:
         key = Ed25519PrivateKey.generate()  # from the OS's CSPRNG
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        _write_private(path, pem)
+        write_atomic(path, pem, mode=0o600)
     if name == KEY_FILE:
         pub = folder / PUB_FILE
         if not pub.is_file() or pub.read_text().strip() != public_hex(key):
-            _write_private(pub, (public_hex(key) + "\n").encode())
+            write_atomic(pub, (public_hex(key) + "\n").encode(), mode=0o600)
             os.chmod(pub, 0o644)
     return key

@@ -12,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 
 def drops_out(device_id: str, round_: int, seed: int, rate: float) -> bool:

@@ -7,14 +7,13 @@ JSON-serializable (e.g. the privacy accountant's state) ride in the file's metad
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
+from pocketfed.files import write_atomic
 from pocketfed.server.strategies import ServerState
 
 
@@ -24,15 +23,7 @@ def save(path: Path, state: ServerState, extra: dict[str, Any]) -> None:
         if part is not None:
             tensors.update({f"{name}/{k}": v.contiguous() for k, v in part.items()})
     meta = {"round": str(state.round), "extra": json.dumps(extra)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic: the old checkpoint or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))  # the old checkpoint or the new one
 
 
 def load(path: Path) -> tuple[ServerState, dict[str, Any]]:

@@ -64,7 +64,7 @@ from pocketfed.server.aggregate import aggregate_round, device_noise_std, privat
 from pocketfed.server.sampling import device_seed
 from pocketfed.server.store import Round, SecAggRound, Store, Update, Version, sha256_hex
 from pocketfed.server.strategies import ServerState, WeightedUpdate
-from pocketfed.transport import secagg_wire as sw
+from pocketfed.protocol import secagg_wire as sw
 
 AdapterState = dict[str, torch.Tensor]
 CODEC_DTYPES = {Codec.float32: {"float32"}, Codec.float16: {"float16"}, Codec.int8: {"int8", "float32"}}

@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from pocketfed.files import write_atomic
 
 DB_FILE = "state.sqlite"
 SCHEMA_VERSION = 1
@@ -122,14 +121,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Store:
     """SQLite + blobs. Thread-safe: one connection behind a re-entrant lock."""
 
@@ -204,18 +195,7 @@ class Store:
         path = self.blob_path(sha)
         if path.is_file():
             return sha
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, data)
         return sha
 
     def get_blob(self, sha: str) -> bytes:

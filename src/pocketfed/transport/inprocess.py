@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from pocketfed.data.federated import FederatedDataset
 from pocketfed.device.trainer import run_task
-from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 
 class Backend(Protocol):

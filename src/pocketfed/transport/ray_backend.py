@@ -35,7 +35,7 @@ import torch
 
 from pocketfed.data.federated import Blocks, FederatedDataset
 from pocketfed.errors import UserError
-from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 MB = 1 << 20
 WATCHDOG_SECONDS = 0.05

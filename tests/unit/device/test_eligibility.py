@@ -7,7 +7,7 @@ from pocketfed.config import Availability, DeviceConfig, EligibilityConfig
 from pocketfed.device import eligibility
 from pocketfed.device.eligibility import ALWAYS, DeviceState, check
 from pocketfed.server.availability import DroppingBackend
-from pocketfed.transport.messages import Dropout, TrainResult, TrainTask
+from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 
 def test_each_rule_of_the_policy():

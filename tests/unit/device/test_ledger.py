@@ -102,7 +102,7 @@ def test_summarize_empty_odd_and_missing(tmp_path: Path) -> None:
 def test_secagg_kinds_are_checked_recorded_and_summarized(tmp_path: Path) -> None:
     import numpy as np
 
-    from pocketfed.transport import secagg_wire as sw
+    from pocketfed.protocol import secagg_wire as sw
 
     keys = {"enc_public": np.arange(32, dtype=np.uint8), "mask_public": np.zeros(32, np.uint8)}
     data = ledger.check_and_record(tmp_path, "server", ledger.SECAGG_KEYS, keys, sw.keys_schema())

@@ -12,7 +12,7 @@ from pocketfed import codec
 from pocketfed.errors import UserError
 from pocketfed.server import coordinator as co
 from pocketfed.server.store import Update
-from tests.unit.transport.http_fixtures import SHAPES, make_coordinator, update
+from tests.unit.deploy.http_fixtures import SHAPES, make_coordinator, update
 
 ELIGIBLE = co.Eligibility(True, True, True, 4096)
 

@@ -19,8 +19,6 @@ continues the same bytes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +28,17 @@ from safetensors.torch import load as st_load
 
 import numpy as np
 
+from pocketfed.files import write_atomic
 from pocketfed import codec
 from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig
 from pocketfed.device import ledger
 from pocketfed.errors import UserError
 from pocketfed.privacy import dp, secagg
 from pocketfed.release import signing
-from pocketfed.transport import secagg_wire as sw
-from pocketfed.transport.http import client as http
-from pocketfed.transport.http import wire
-from pocketfed.transport.messages import TrainTask
+from pocketfed.protocol import secagg_wire as sw
+from pocketfed.device import http_client as http
+from pocketfed.protocol import wire
+from pocketfed.protocol.messages import TrainTask
 
 IDENTITY = "identity.key"
 RELEASE_PIN = "release.pub"
@@ -72,15 +71,6 @@ def probe_eligibility(min_free_mb: int = 0) -> wire.Eligibility:
     return wire.Eligibility(charging=charging, idle=True, unmetered=True, free_memory_mb=min(free_mb, 10**7))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def trusted_release_key(home: Path, pinned: Path | None, fetch: Callable[[], str]) -> Any:
     """The release public key: --release-key if given, else the one pinned in <home> on first
     contact (trust on first use), else fetched from the server over TLS and pinned now."""
@@ -93,7 +83,7 @@ def trusted_release_key(home: Path, pinned: Path | None, fetch: Callable[[], str
             raise UserError(f"{str(pinned)!r} must hold the release public key as 64 hex digits") from None
     pin = home / RELEASE_PIN
     if not pin.is_file():
-        _write_atomic(pin, (fetch() + "\n").encode())
+        write_atomic(pin, (fetch() + "\n").encode())
     return signing.public_from_hex(pin.read_text())
 
 
@@ -113,8 +103,8 @@ def accept_release(home: Path, trusted: Any, release: wire.SignedManifest,
     if signing.sha256_hex(data) != m.sha256:
         raise signing.ReleaseRejected(f"adapter of version {m.version} does not match its manifest's sha256")
     if installed is None or m.version != installed.version:
-        _write_atomic(adapter_path, data)  # the adapter first, then the record that names it
-        _write_atomic(installed_path, json.dumps(m.to_json()).encode())
+        write_atomic(adapter_path, data)  # the adapter first, then the record that names it
+        write_atomic(installed_path, json.dumps(m.to_json()).encode())
     return m, st_load(data)
 
 

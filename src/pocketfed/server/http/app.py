@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pocketfed.server import coordinator as co
-from pocketfed.transport import secagg_wire as sw
-from pocketfed.transport.http import auth, wire
+from pocketfed.protocol import secagg_wire as sw
+from pocketfed.protocol import auth, wire
 
 STATUS = {
     co.UNKNOWN_ROUND: 404, co.ROUND_CLOSED: 409, co.NOT_ASSIGNED: 403, co.DUPLICATE: 409,

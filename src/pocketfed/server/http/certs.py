@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -18,17 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pocketfed.files import write_atomic
 from pocketfed.errors import UserError
 
 FILES = ("ca.pem", "ca.key", "server.pem", "server.key")
-
-
-def _write(path: Path, data: bytes, private: bool) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -73,10 +65,10 @@ def make_dev_certs(out: Path, days: int = 365, hosts: tuple[str, ...] = ("127.0.
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(out / "ca.key", _key_pem(ca_key), private=True)
-    _write(out / "server.key", _key_pem(key), private=True)
-    _write(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_atomic(out / "ca.key", _key_pem(ca_key), mode=0o600)
+    write_atomic(out / "server.key", _key_pem(key), mode=0o600)
+    write_atomic(out / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+    write_atomic(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
     return out
 
 

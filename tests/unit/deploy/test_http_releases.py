@@ -9,9 +9,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save as st_save
 
-from pocketfed.device.runtime import INSTALLED, accept_release, trusted_release_key
+from pocketfed.device.agent import INSTALLED, accept_release, trusted_release_key
 from pocketfed.release import signing
-from pocketfed.transport.http.wire import SignedManifest
+from pocketfed.protocol.wire import SignedManifest
 
 KEY = Ed25519PrivateKey.generate()
 ADAPTERS = {v: st_save({"a.lora_A.weight": torch.full((2, 2), float(v))}) for v in range(4)}

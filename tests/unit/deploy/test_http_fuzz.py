@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from pocketfed.transport.http import auth
-from pocketfed.transport.http.client import DeviceClient
+from pocketfed.protocol import auth
+from pocketfed.device.http_client import DeviceClient
 from pocketfed.server import coordinator as co
-from tests.unit.transport.http_fixtures import OK, app_for, make_coordinator
+from tests.unit.deploy.http_fixtures import OK, app_for, make_coordinator
 
 KEY = Ed25519PrivateKey.generate()
 

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from pocketfed import codec
 from pocketfed.config import Codec, load_config
 from pocketfed.server import coordinator as co
-from pocketfed.transport.http.app import create_app
-from pocketfed.transport.http.client import DeviceClient, ServerRefused
-from pocketfed.transport.http.wire import Eligibility
+from pocketfed.server.http.app import create_app
+from pocketfed.device.http_client import DeviceClient, ServerRefused
+from pocketfed.protocol.wire import Eligibility
 
 SHAPES = {"base_model.model.l0.lora_A.weight": (2, 8), "base_model.model.l0.lora_B.weight": (8, 2)}
 OK = Eligibility(charging=True, idle=True, unmetered=True, free_memory_mb=4096)

@@ -1,6 +1,6 @@
 """Secure aggregation and central DP through the coordinator's HTTP API, on a synthetic adapter.
 
-The devices here run the same step functions `pocketfed.device.runtime.secure_upload` runs,
+The devices here run the same step functions `pocketfed.device.agent.secure_upload` runs,
 through signed requests; every refusal is a 4xx with a JSON reason and leaves the state as it was.
 """
 
@@ -16,8 +16,8 @@ from pocketfed import codec
 from pocketfed.config import Codec, load_config
 from pocketfed.privacy import accountant, dp, secagg
 from pocketfed.server import coordinator as co
-from pocketfed.transport import secagg_wire as sw
-from tests.unit.transport.http_fixtures import OK, SHAPES, Clock, app_for, device, init_params, refused, snapshot
+from pocketfed.protocol import secagg_wire as sw
+from tests.unit.deploy.http_fixtures import OK, SHAPES, Clock, app_for, device, init_params, refused, snapshot
 
 CLIP = 0.5
 

@@ -17,7 +17,7 @@ console = Console()
 
 def certs(out: Path = typer.Option(Path("certs"), "--out", "-o", help="Folder to write ca.pem, server.pem and keys into.")) -> None:
     """A development CA and a server certificate for 127.0.0.1 / localhost."""
-    from pocketfed.transport.http.certs import make_dev_certs
+    from pocketfed.server.http.certs import make_dev_certs
 
     make_dev_certs(out)
     console.print(f"wrote {out}/ca.pem (give to devices as --ca) and {out}/server.pem, server.key (--tls {out})")
@@ -37,8 +37,8 @@ def server(
 
     from pocketfed.config import load_config, parse_overrides
     from pocketfed.server.coordinator import open_coordinator
-    from pocketfed.transport.http.app import create_app
-    from pocketfed.transport.http.certs import server_files
+    from pocketfed.server.http.app import create_app
+    from pocketfed.server.http.certs import server_files
 
     ov = parse_overrides(set_)
     if model is not None:
@@ -106,7 +106,7 @@ def device(
                                                help="One-time token from `pocketfed enroll` (first registration only)."),
 ) -> None:
     """Take part in federated rounds: check in, train on --data locally, upload the update."""
-    from pocketfed.device.runtime import run_device
+    from pocketfed.device.agent import run_device
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind in ("wait", "unreachable"):
@@ -125,7 +125,7 @@ def status(
     """Rounds, devices and metrics of a running coordinator."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from pocketfed.transport.http.client import DeviceClient, Unreachable, connect
+    from pocketfed.device.http_client import DeviceClient, Unreachable, connect
 
     try:
         s = DeviceClient(connect(server_url, ca), Ed25519PrivateKey.generate()).status()

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pocketfed.errors import UserError
-from pocketfed.transport.http.certs import make_dev_certs, server_files
-from pocketfed.transport.http.client import connect
+from pocketfed.server.http.certs import make_dev_certs, server_files
+from pocketfed.device.http_client import connect
 
 
 def test_bad_urls_and_missing_ca(tmp_path):
@@ -35,7 +35,7 @@ def test_certs_and_tls_folder(tmp_path):
 
 def test_device_cli_unreachable_server_says_so(tmp_path):
     from pocketfed.cli import _register_extensions, app
-    from pocketfed.device.runtime import run_device
+    from pocketfed.device.agent import run_device
 
     make_dev_certs(tmp_path / "c")
     (tmp_path / "data").mkdir()

@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from pocketfed.config import Codec
-from pocketfed.transport.http import auth
-from pocketfed.transport.http.client import DeviceClient
-from pocketfed.transport.http.wire import CHUNK_MAX_BYTES
-from tests.unit.transport.http_fixtures import OK, SHAPES, app_for, device, make_coordinator, refused, snapshot, update
+from pocketfed.protocol import auth
+from pocketfed.device.http_client import DeviceClient
+from pocketfed.protocol.wire import CHUNK_MAX_BYTES
+from tests.unit.deploy.http_fixtures import OK, SHAPES, app_for, device, make_coordinator, refused, snapshot, update
 
 
 @pytest.fixture

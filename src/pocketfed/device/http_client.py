@@ -2,7 +2,7 @@
 
 Each method is one request (the upload is a few: resume point, chunks, commit). A 4xx answer
 raises `ServerRefused` with the server's error code and sentence; a connection failure raises
-`Unreachable`. The device loop (`pocketfed.device.runtime`) decides what to do with either.
+`Unreachable`. The device loop (`pocketfed.device.agent`) decides what to do with either.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pocketfed.errors import UserError
-from pocketfed.transport.http import auth, wire
+from pocketfed.protocol import auth, wire
 
 
 class ServerRefused(Exception):

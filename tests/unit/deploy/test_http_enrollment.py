@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from pocketfed.errors import UserError
 from pocketfed.server import coordinator as co
-from pocketfed.transport.http import auth
-from pocketfed.transport.http.client import DeviceClient, ServerRefused
-from tests.unit.transport.http_fixtures import OK, app_for, make_coordinator, refused, snapshot
+from pocketfed.protocol import auth
+from pocketfed.device.http_client import DeviceClient, ServerRefused
+from tests.unit.deploy.http_fixtures import OK, app_for, make_coordinator, refused, snapshot
 
 
 def _client(app) -> DeviceClient:
@@ -83,8 +83,8 @@ def test_enroll_cli(tmp_path):
 
 
 def test_device_runtime_says_why_it_was_not_registered(tmp_path, monkeypatch):
-    from pocketfed.device import runtime
-    from pocketfed.transport.http import client
+    from pocketfed.device import agent as runtime
+    from pocketfed.device import http_client as client
 
     def refuse(self, name, token=None):
         raise ServerRefused(403, co.NOT_ENROLLED, "this coordinator registers enrolled devices only")

@@ -1,0 +1,1 @@
+"""The coordinator's HTTP side: the FastAPI app and development certificates."""
