@@ -24,12 +24,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import yaml
 
 from pocketfed.files import write_atomic
-from pocketfed.config import DPMode, RunConfig, to_dict
+from pocketfed.config import RunConfig, to_dict
 from pocketfed.data.federated import Blocks, load_dataset
 from pocketfed.device import fleet as fleet_mod
 from pocketfed.device.trainer import train_steps
@@ -37,12 +36,11 @@ from pocketfed.errors import UserError
 from pocketfed.evaluation import Metrics, evaluate
 from pocketfed.model import lora
 from pocketfed.model.zoo import load_base
-from pocketfed.privacy import accountant
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
-from pocketfed.server import checkpoint, hetero, strategies
-from pocketfed.server.aggregate import aggregate_round
+from pocketfed.server import checkpoint, strategies
+from pocketfed.server import round as engine
 from pocketfed.server.availability import DroppingBackend
-from pocketfed.server.sampling import device_seed, sample_round, split_population
+from pocketfed.server.sampling import device_seed, split_population
 from pocketfed.transport import make_backend
 from pocketfed.protocol.messages import TrainResult
 
@@ -77,7 +75,7 @@ def simulate(
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
     participants: list[list[str]] | None = None,
 ) -> RunResult:
-    """`participants[r]`, when given, are round r's devices instead of `sample_round`'s draw
+    """`participants[r]`, when given, are round r's devices instead of `engine.sample_cohort`'s draw
     (to replay a deployment's recorded rounds through the same code)."""
     emit = on_event or (lambda kind, info: None)
     t_start = time.perf_counter()
@@ -102,7 +100,7 @@ def simulate(
     heldout_blocks = [dataset.device(d).test for d in heldout]
     ev = lambda blocks: evaluate(model, blocks, max_tokens=cfg.data.max_eval_tokens)  # noqa: E731
 
-    per_round = len(sample_round(pool, cfg.sim.per_round, cfg.sim.seed, 0))
+    per_round = len(engine.sample_cohort(pool, cfg.sim.per_round, cfg.sim.seed, 0))
     privacy = init_privacy(cfg, per_round / len(pool))
     history: list[dict[str, Any]] = []
     if resume:
@@ -124,47 +122,45 @@ def simulate(
     train_seconds = 0.0
     bytes_up = lora.num_bytes(init_params)
     for r in range(state.round, cfg.sim.rounds):
-        if privacy and accountant.budget_exhausted(accountant.step(privacy.ledger)):
-            emit("budget_spent", {"round": r, "epsilon": privacy.ledger.epsilon_spent})
+        stop = engine.budget_stop(privacy)
+        if stop:
+            emit("budget_spent", {"round": r, "epsilon": privacy.ledger.epsilon_spent if privacy else 0.0, "reason": stop})
             break
         t_round = time.perf_counter()
-        sampled = participants[r] if participants is not None else sample_round(pool, cfg.sim.per_round, cfg.sim.seed, r)
+        sampled = participants[r] if participants is not None else engine.sample_cohort(pool, cfg.sim.per_round, cfg.sim.seed, r)
         emit("round_start", {"round": r, "devices": len(sampled)})
+        plan = engine.round_plan(cfg, privacy, len(sampled))
         # eligibility filter, rank truncation, energy/time caps (all no-ops under the default device config)
         tasks, left_out = fleet_mod.prepare(fleet, cfg, r, sampled, state.params, lambda d: len(dataset.device(d).train),
                                             lambda d: device_seed(cfg.sim.seed, r, d))
+        tasks = [replace(t, privacy=plan) for t in tasks]
         t_train = time.perf_counter()
-        results = backend.run(tasks)
+        results = backend.run(tasks)  # each device: train -> privatize -> encode (the device task)
         train_seconds += time.perf_counter() - t_train
         done = [x for x in results if isinstance(x, TrainResult)]
-        if done:  # each device uploads its rank's update; hetero zero-pads them (HetLoRA) around the privacy pipeline
-            uploads = [hetero.RankedUpdate(hetero.for_device(x.update, fleet.devices[x.device_id].rank), x.num_tokens,
-                                           fleet.devices[x.device_id].rank) for x in done]
-            agg = hetero.aggregate(uploads, fleet.global_rank, lambda ups: aggregate_round(
-                ups, cfg.privacy,
-                clip_norm=privacy.clip.clip_norm if privacy else cfg.privacy.clip_norm,
-                noise_multiplier=privacy.ledger.noise_multiplier if privacy else 0.0,
-                expected_devices=len(sampled), round_id=r,
-            ), renormalize=cfg.privacy.dp is DPMode.none and not cfg.privacy.secagg)
-            state, diag = strategies.apply_mean(state, agg.mean, cfg.server)
-            bytes_up = agg.bytes_up_per_device
+        if done:
+            ranks = {d: dev.rank for d, dev in fleet.devices.items()}
+            contributions, secure_total = engine.collect_in_memory(done, plan, state.params, r, ranks)
+            mean = engine.aggregate(contributions, plan, state.params, secure_total)
+            outcome = engine.commit(state, privacy, contributions, mean, cfg)
         else:  # nobody eligible, or every device dropped out: the global adapter stays as it is
-            state, diag = replace(state, round=state.round + 1), {"skipped": True}
+            outcome = engine.skip(state)
+        state, metrics = outcome.state, outcome.metrics
+        bytes_up = metrics.get("bytes_up_per_device", bytes_up)
         row: dict[str, Any] = {
             "round": r,
             "devices": [x.device_id for x in done],
             "dropouts": len(results) - len(done),
             "tokens": sum(x.num_tokens for x in done),
             "local_steps": int(sum(x.metrics["steps"] for x in done)),
-            "train_loss": float(np.average([x.metrics["train_loss"] for x in done], weights=[x.num_tokens for x in done])) if done else None,
+            "train_loss": metrics.get("train_loss"),
             "bytes_up_per_device": bytes_up,
-            **diag,
+            **{k: v for k, v in metrics.items() if k in ("update_norm", "skipped")},
             **fleet_mod.round_report(fleet, cfg, sampled, left_out, results),
         }
         if privacy and done:
-            privacy = privacy.after_round(agg.unclipped, agg.devices, cfg.privacy.adaptive_clip)
-            row["privacy"] = {"epsilon": privacy.ledger.epsilon_spent, "clip_norm": privacy.clip.clip_norm,
-                              "unclipped": agg.unclipped}
+            privacy = outcome.privacy
+            row["privacy"] = {"epsilon": metrics["epsilon"], "clip_norm": metrics["clip_norm"], "unclipped": metrics["unclipped"]}
         if cfg.eval.every_round and heldout_blocks:
             lora.set_state(model, state.params)
             row["heldout"] = ev(heldout_blocks).as_dict()
@@ -229,7 +225,8 @@ def simulate(
             "model": base.model_id,
             "dataset": dataset.name,
             "devices": {"population": len(pool), "heldout": len(heldout), "trained": len(trained)},
-            "rounds": cfg.sim.rounds,
+            "rounds": len(history),  # run (a spent privacy budget stops early)
+            "rounds_planned": cfg.sim.rounds,
             "bytes_up_per_device_round": bytes_up,
             "privacy": privacy.summary() if privacy else None,
             "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),

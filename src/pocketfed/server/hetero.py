@@ -15,30 +15,18 @@ Under DP or secure aggregation the inner mean has a fixed denominator that the D
 relies on, and the per-slot counts would be extra information, so there the plain zero-padded
 mean (HetLoRA's own rule, without its sparsity weighting) is kept.
 
-`aggregate(updates, rank, inner, renormalize)` wraps any aggregation function `inner`
-(e.g. pocketfed.server.aggregate.aggregate_round with its privacy pipeline) by composition.
+Devices zero-pad their update to R before the privacy pipeline (`TrainTask.upload_rank`), so
+clipping and noise see the padded vector; the round engine (`pocketfed.server.round.aggregate`)
+calls `renormalize` on the plain mean.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from pocketfed.model import rank as rank_ops
-from pocketfed.server.aggregate import Aggregate
-from pocketfed.server.strategies import WeightedUpdate
 
 AdapterState = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class RankedUpdate:
-    update: AdapterState  # rank `rank`
-    weight: float  # training tokens
-    rank: int
 
 
 def for_device(global_params: AdapterState, rank: int) -> AdapterState:
@@ -46,22 +34,19 @@ def for_device(global_params: AdapterState, rank: int) -> AdapterState:
     return rank_ops.truncate(global_params, rank)
 
 
-def slot_scale(updates: list[RankedUpdate], rank: int) -> torch.Tensor:
+def slot_scale(ranks_weights: list[tuple[int, float]], rank: int) -> torch.Tensor:
     """[rank] factors sum_k n_k / sum_{k: r_k > j} n_k that turn the plain mean into per-slot means."""
-    total = sum(u.weight for u in updates)
-    held = torch.tensor([sum(u.weight for u in updates if u.rank > j) for j in range(rank)], dtype=torch.float64)
+    total = sum(w for _, w in ranks_weights)
+    held = torch.tensor([sum(w for r, w in ranks_weights if r > j) for j in range(rank)], dtype=torch.float64)
     return torch.where(held > 0, total / held.clamp_min(1e-300), torch.zeros_like(held))
 
 
-def aggregate(updates: list[RankedUpdate], rank: int, inner: Callable[[list[WeightedUpdate]], Aggregate],
-              renormalize: bool = True) -> Aggregate:
-    """Zero-pad every update to `rank`, aggregate with `inner`, then (renormalize) rescale each slot."""
-    agg = inner([WeightedUpdate(rank_ops.pad(u.update, rank), u.weight) for u in updates])
-    if not renormalize or all(u.rank == rank for u in updates):
-        return agg
-    s = slot_scale(updates, rank)
-    mean = {}
-    for k, v in agg.mean.items():
+def renormalize(mean: AdapterState, ranks_weights: list[tuple[int, float]], rank: int) -> AdapterState:
+    """Rescale each slot of the zero-padded plain mean to the mean over the devices that hold it.
+    `ranks_weights`: each device's (rank r_k, token weight n_k)."""
+    s = slot_scale(ranks_weights, rank)
+    out = {}
+    for k, v in mean.items():
         f = s.to(v.dtype)
-        mean[k] = v * f[:, None] if "lora_A" in k else v * f[None, :]  # A: [R, in]; B: [out, R]
-    return dataclasses.replace(agg, mean=mean)
+        out[k] = v * f[:, None] if "lora_A" in k else v * f[None, :]  # A: [R, in]; B: [out, R]
+    return out

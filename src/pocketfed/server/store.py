@@ -1,6 +1,6 @@
 """The coordinator's state store: one SQLite database plus content-addressed blobs beside it.
 
-    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, FULL sync),
+    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, NORMAL sync),
                               secure-aggregation stages and messages; meta holds config and DP ledger
     <folder>/blobs/ab/abcd..  adapters, server states and device updates, named by their sha256
     <folder>/uploads/<round>/<device>.part   uploads in progress (resumable)
@@ -8,6 +8,14 @@
 Crash safety: a blob is written to a temp file, fsynced and renamed to its hash before any row
 names it, and every multi-row change runs in one transaction (`with store.transaction():`), so a
 SIGKILL leaves either the old state or the new one. Blobs nobody names are harmless leftovers.
+SQLite runs in WAL mode with synchronous=NORMAL: a commit is in the WAL file (the OS page cache)
+when COMMIT returns, so it survives a kill of the process; only a power cut or kernel crash can
+drop the last commits, and the database stays consistent even then. FULL would fsync the WAL on
+every commit, one disk flush per request (each signed request records its nonce), and that flush,
+taken under the store's lock, was what capped the coordinator's requests per second.
+
+Rows that never change once written (a version, a device's name and key) are cached in memory;
+the caches are cleared when a transaction rolls back, so they never hold a row that was undone.
 
 Everything the round logic needs goes through this module's `Store`; the SQL is plain (no
 SQLite-only features besides the connection set-up) so a PostgreSQL store with the same methods
@@ -40,11 +48,13 @@ CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, parent INTEGER NOT NULL, round_id INTEGER, rounds_applied INTEGER NOT NULL,
     adapter_sha TEXT NOT NULL, state_sha TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS versions_adapter ON versions (adapter_sha);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, idx INTEGER NOT NULL, base_version INTEGER NOT NULL,
     status TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
     goal INTEGER NOT NULL, target INTEGER NOT NULL, quorum INTEGER NOT NULL,
     closed_at REAL, reason TEXT, participants TEXT, metrics TEXT, new_version INTEGER);
+CREATE INDEX IF NOT EXISTS rounds_status ON rounds (status, round_id);
 CREATE TABLE IF NOT EXISTS assignments (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, assigned_at REAL NOT NULL,
     PRIMARY KEY (round_id, device_id));
@@ -121,6 +131,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+NONCE_PRUNE_S = 1.0  # forget expired nonces at most this often (a DELETE per request is wasted work)
+
+
 class Store:
     """SQLite + blobs. Thread-safe: one connection behind a re-entrant lock."""
 
@@ -132,9 +145,14 @@ class Store:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.folder / DB_FILE, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process kill; see the module docstring
         self._db.execute("PRAGMA busy_timeout=5000")
         self._depth = 0
+        self._nonces_pruned_to = float("-inf")
+        # immutable rows: version -> Version; device name -> public key; public key -> device name
+        self._versions: dict[int, Version] = {}
+        self._key_of: dict[str, str] = {}
+        self._device_of: dict[str, str] = {}
         with self.transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
@@ -163,9 +181,17 @@ class Store:
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                self._forget_cached()
                 raise
             finally:
                 self._depth = 0
+
+    def _forget_cached(self) -> None:
+        """Drop the caches of immutable rows: a rolled-back transaction may have put rows in them
+        that no longer exist."""
+        self._versions.clear()
+        self._key_of.clear()
+        self._device_of.clear()
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -219,12 +245,28 @@ class Store:
         self._exec("INSERT INTO devices VALUES (?, ?, ?, ?)", (device_id, public_key, now, now))
 
     def device_by_key(self, public_key: str) -> str | None:
+        """The device registered with this key (a registration never changes, so a hit is cached)."""
+        if (device := self._device_of.get(public_key)) is not None:
+            return device
         rows = self._rows("SELECT device_id FROM devices WHERE public_key = ?", (public_key,))
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        self._remember_device(rows[0][0], public_key)
+        return str(rows[0][0])
 
     def device_key(self, device_id: str) -> str | None:
+        if (key := self._key_of.get(device_id)) is not None:
+            return key
         rows = self._rows("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
-        return rows[0][0] if rows else None
+        if not rows:
+            return None
+        self._remember_device(device_id, rows[0][0])
+        return str(rows[0][0])
+
+    def _remember_device(self, device_id: str, public_key: str) -> None:
+        with self._lock:
+            self._key_of[device_id] = public_key
+            self._device_of[public_key] = device_id
 
     def touch_device(self, device_id: str, now: float) -> None:
         self._exec("UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id))
@@ -241,9 +283,13 @@ class Store:
         return int(self._rows("SELECT COUNT(*) FROM devices")[0][0])
 
     def use_nonce(self, public_key: str, nonce: str, ts: float, forget_before: float) -> bool:
-        """Record a request nonce; False if this key already used it (a replay)."""
+        """Record a request nonce; False if this key already used it (a replay). Nonces older than
+        `forget_before` are dropped, at most every NONCE_PRUNE_S seconds of `forget_before`: one
+        kept a little longer still refuses its replay, which the timestamp check refuses anyway."""
         with self.transaction():
-            self._exec("DELETE FROM nonces WHERE ts < ?", (forget_before,))
+            if forget_before >= self._nonces_pruned_to + NONCE_PRUNE_S:
+                self._exec("DELETE FROM nonces WHERE ts < ?", (forget_before,))
+                self._nonces_pruned_to = forget_before
             try:
                 self._exec("INSERT INTO nonces VALUES (?, ?, ?)", (public_key, nonce, ts))
             except sqlite3.IntegrityError:
@@ -263,8 +309,15 @@ class Store:
         return bool(self._rows("SELECT 1 FROM versions WHERE adapter_sha = ?", (sha,)))
 
     def version(self, version: int) -> Version | None:
+        """A version (they never change once written, so it is cached)."""
+        if (v := self._versions.get(version)) is not None:
+            return v
         rows = self._rows("SELECT * FROM versions WHERE version = ?", (version,))
-        return Version(*rows[0]) if rows else None
+        if not rows:
+            return None
+        with self._lock:
+            v = self._versions[version] = Version(*rows[0])
+        return v
 
     # ---- rounds ---------------------------------------------------------------------------------
     @staticmethod
@@ -311,6 +364,9 @@ class Store:
 
     def assigned(self, round_id: int) -> list[str]:
         return [r[0] for r in self._rows("SELECT device_id FROM assignments WHERE round_id = ? ORDER BY device_id", (round_id,))]
+
+    def count_assigned(self, round_id: int) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM assignments WHERE round_id = ?", (round_id,))[0][0])
 
     def is_assigned(self, round_id: int, device_id: str) -> bool:
         return bool(self._rows("SELECT 1 FROM assignments WHERE round_id = ? AND device_id = ?", (round_id, device_id)))

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from pocketfed.errors import UserError
 from pocketfed.server import coordinator as co
+from pocketfed.server.store import sha256_hex
 from pocketfed.protocol import auth
 from pocketfed.device.http_client import DeviceClient, ServerRefused
 from tests.unit.deploy.http_fixtures import OK, app_for, make_coordinator, refused, snapshot
@@ -48,7 +49,7 @@ def test_expired_tokens_are_refused_and_only_hashes_are_stored(tmp_path):
     finally:
         db.close()
     assert expired not in dump and fresh not in dump  # a copied state folder holds no usable token
-    assert co.sha256_hex(fresh.encode()) in dump
+    assert sha256_hex(fresh.encode()) in dump
 
 
 def test_malformed_tokens_and_bad_counts(tmp_path):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pocketfed.config import PrivacyConfig
 from pocketfed.model import rank as rank_ops
+from pocketfed.privacy.pipeline import PrivacyPlan, plain_mean
 from pocketfed.server import hetero
-from pocketfed.server.aggregate import aggregate_round
+from pocketfed.server.round import Contribution, aggregate
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
 
@@ -16,19 +16,17 @@ def update(r: int, a: float, b: float) -> dict[str, torch.Tensor]:
     return {A: torch.full((r, 1), a), B: torch.full((1, r), b)}
 
 
-def plain_inner(updates):
-    return aggregate_round(updates, PrivacyConfig(), clip_norm=1.0, noise_multiplier=0.0,
-                           expected_devices=len(updates), round_id=0)
+def padded(r: int, a: float, b: float, tokens: int, rank: int) -> Contribution:
+    """What a rank-r device uploads: its update zero-padded to the global rank (TrainTask.upload_rank)."""
+    return Contribution(f"d{r}", rank_ops.pad(update(r, a, b), rank), tokens, 0, rank=r)
 
 
 # ranks 2, 4, 8 with token weights 1, 2, 1; A values 1, 2, 4; B values 10, 20, 40
-UPDATES = [hetero.RankedUpdate(update(2, 1.0, 10.0), 1.0, 2),
-           hetero.RankedUpdate(update(4, 2.0, 20.0), 2.0, 4),
-           hetero.RankedUpdate(update(8, 4.0, 40.0), 1.0, 8)]
+UPDATES = [padded(2, 1.0, 10.0, 1, 8), padded(4, 2.0, 20.0, 2, 8), padded(8, 4.0, 40.0, 1, 8)]
 
 
 def test_three_rank_groups_renormalized_per_slot():
-    mean = hetero.aggregate(UPDATES, 8, plain_inner, renormalize=True).mean
+    mean = aggregate(UPDATES, PrivacyPlan(), UPDATES[2].update)
     # slots 0-1: all three hold them: (1*1 + 2*2 + 1*4) / 4 = 9/4
     # slots 2-3: ranks 4 and 8:       (2*2 + 1*4) / 3     = 8/3
     # slots 4-7: rank 8 alone:        4
@@ -38,7 +36,8 @@ def test_three_rank_groups_renormalized_per_slot():
 
 
 def test_three_rank_groups_plain_zero_padding():
-    mean = hetero.aggregate(UPDATES, 8, plain_inner, renormalize=False).mean
+    """Under DP or secure aggregation the slots are not renormalized (HetLoRA's own rule)."""
+    mean = plain_mean([c.update for c in UPDATES], [c.num_tokens for c in UPDATES])
     # every slot divides by the total weight 4: zeros of the lower ranks count
     expect_a = torch.tensor([9 / 4] * 2 + [8 / 4] * 2 + [4 / 4] * 4)
     torch.testing.assert_close(mean[A][:, 0], expect_a)
@@ -60,6 +59,6 @@ def test_truncate_then_pad_round_trips_and_slots_line_up():
 
 
 def test_equal_ranks_are_plain_fedavg():
-    ups = [hetero.RankedUpdate(update(4, 1.0, 1.0), 1.0, 4), hetero.RankedUpdate(update(4, 3.0, 3.0), 3.0, 4)]
-    mean = hetero.aggregate(ups, 4, plain_inner).mean
+    ups = [padded(4, 1.0, 1.0, 1, 4), padded(4, 3.0, 3.0, 3, 4)]
+    mean = aggregate(ups, PrivacyPlan(), ups[0].update)
     torch.testing.assert_close(mean[A], torch.full((4, 1), 2.5))  # (1 + 9) / 4

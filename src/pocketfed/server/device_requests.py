@@ -1,0 +1,230 @@
+"""What devices ask of the coordinator: check in, upload (chunked, resumable, size-limited,
+validated), and the secure-aggregation messages. Each checks the request against the round and
+the store, records it in one transaction and ticks the lifecycle."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from pocketfed.protocol import secagg_wire as sw
+from pocketfed.server import lifecycle
+from pocketfed.server import round as engine
+from pocketfed.server import secagg_stages as stages
+from pocketfed.server.sampling import device_seed
+from pocketfed.server.service import (DUPLICATE, HASH_MISMATCH, INVALID_SECAGG, INVALID_UPDATE, NOT_ASSIGNED,
+                                      NOT_IN_COHORT, OFFSET_MISMATCH, ROUND_CLOSED, STAGE_OF, TOO_LARGE, TRUNCATED,
+                                      UNKNOWN_ROUND, WRONG_STAGE, Assignment, Coordinator, Eligibility, Refused, Wait)
+from pocketfed.server.store import Round, SecAggRound, Update, sha256_hex
+
+
+def eligibility_problem(e: Eligibility, c: Coordinator) -> str | None:
+    missing = [name for name, ok in (("charging", e.charging), ("idle", e.idle), ("on an unmetered network", e.unmetered)) if not ok]
+    if missing:
+        return "device is not " + ", ".join(missing)
+    if e.free_memory_mb < c.cfg.deploy.min_free_memory_mb:
+        return f"device has {e.free_memory_mb} MB free memory; training needs {c.cfg.deploy.min_free_memory_mb} MB"
+    return None
+
+
+def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assignment | Wait:
+    """A task for `device_id` in the open round, or when to come back."""
+    with c.lock:
+        lifecycle.tick(c, now)
+        c.store.touch_device(device_id, now)
+        later = now + c.cfg.deploy.retry_s
+        stop = lifecycle.stop_reason(c)
+        if stop is not None:
+            return Wait(later, stop, done=True)
+        problem = eligibility_problem(e, c)
+        if problem:
+            return Wait(later, problem)
+        r = c.store.open_round()
+        assert r is not None
+        if c.store.has_update(r.round_id, device_id):
+            return Wait(later, f"this device's update for round {r.round_id} is in; wait for the next round")
+        s = c.store.secagg_round(r.round_id)
+        if s is not None and (s.stage != "advertise" or c.store.has_secagg_message(r.round_id, device_id, sw.KEYS)):
+            return Wait(later, f"round {r.round_id} is past this device's key advertising (stage {s.stage!r}); "
+                               f"wait for the next round")
+        if not c.store.is_assigned(r.round_id, device_id):  # a device that crashed gets its task again
+            if not engine.admits(len(c.store.assigned(r.round_id)), r.target):
+                return Wait(later, f"round {r.round_id} has its cohort of {r.target} devices")
+            c.store.assign(r.round_id, device_id, now)
+        version = c.store.version(r.base_version)
+        assert version is not None
+        return Assignment(r.round_id, r.idx, device_seed(c.cfg.sim.seed, r.idx, device_id), r.deadline, version)
+
+
+def _check_can_upload(c: Coordinator, round_id: int, device_id: str, now: float) -> Round:
+    r = c.store.round(round_id)
+    if r is None:
+        raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
+    if r.status != "open":
+        raise Refused(ROUND_CLOSED, f"round {round_id} is closed ({r.status}); its uploads are refused")
+    if c.cfg.privacy.secagg:  # the upload is step 2's masked input
+        _check_secagg_step(c, round_id, device_id, sw.MASKED, now)
+        if not c.store.has_secagg_message(round_id, device_id, sw.SHARES):
+            raise Refused(NOT_IN_COHORT, f"device {device_id} shared no keys in round {round_id}; its masked input cannot be unmasked")
+        return r
+    if now >= r.deadline:
+        raise Refused(ROUND_CLOSED, f"round {round_id} passed its deadline; late uploads are refused")
+    if not c.store.is_assigned(round_id, device_id):
+        raise Refused(NOT_ASSIGNED, f"device {device_id} was not assigned to round {round_id}")
+    if c.store.has_update(round_id, device_id):
+        raise Refused(DUPLICATE, f"device {device_id} already uploaded its update for round {round_id}")
+    return r
+
+
+def upload_received(c: Coordinator, round_id: int, device_id: str, now: float) -> int:
+    with c.lock:
+        _check_can_upload(c, round_id, device_id, now)
+    path = c.store.upload_path(round_id, device_id)
+    return path.stat().st_size if path.exists() else 0
+
+
+def receive_chunk(c: Coordinator, round_id: int, device_id: str, offset: int, data: bytes, now: float) -> int:
+    """Append one chunk of an upload at `offset` (which must be what was received so far)."""
+    with c.lock:
+        _check_can_upload(c, round_id, device_id, now)
+        path = c.store.upload_path(round_id, device_id)
+        lock = c.upload_locks.setdefault(path, threading.Lock())
+    with lock:  # one device's chunks in order; other devices' chunks and requests go on meanwhile
+        have = path.stat().st_size if path.exists() else 0
+        if offset != have:
+            raise Refused(OFFSET_MISMATCH, f"upload offset {offset} does not follow the {have} bytes received", received=have)
+        if have + len(data) > c.max_upload_bytes:
+            raise Refused(TOO_LARGE, f"upload would be {have + len(data)} bytes; the limit is {c.max_upload_bytes}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return have + len(data)
+
+
+def _check_payload(c: Coordinator, data: bytes, round_id: int, device_id: str) -> None:
+    if c.cfg.privacy.secagg:  # y_u: D words below 2^k, nothing else
+        with c.lock:
+            s = c.store.secagg_round(round_id)
+        assert s is not None
+        try:
+            sw.parse_masked(data, stages.config_of(s), stages.index_of(s)[device_id])
+        except sw.MalformedMessage as e:
+            raise Refused(INVALID_UPDATE, f"masked input: {e}") from None
+        return
+    try:
+        engine.decode_upload(data, c.like, c.plan)  # names, shapes, the codec's dtypes, NaN / Inf
+    except engine.InvalidUpload as e:
+        raise Refused(INVALID_UPDATE, str(e)) from None
+
+
+def commit_upload(c: Coordinator, round_id: int, device_id: str, size: int, sha256: str, num_tokens: int,
+                  metrics: dict[str, float], now: float) -> bool:
+    """Check a complete upload and record it; True if it closed the round."""
+    with c.lock:
+        _check_can_upload(c, round_id, device_id, now)
+    path = c.store.upload_path(round_id, device_id)
+    data = path.read_bytes() if path.exists() else b""
+    if len(data) != size:
+        raise Refused(TRUNCATED, f"upload has {len(data)} bytes, the commit says {size}", received=len(data))
+    if sha256_hex(data) != sha256:
+        path.unlink(missing_ok=True)
+        raise Refused(HASH_MISMATCH, "upload's sha256 differs from the commit's; upload it again from offset 0", received=0)
+    _check_payload(c, data, round_id, device_id)
+    blob = c.store.put_blob(data)  # the blob exists before the row that names it
+    with c.lock:
+        _check_can_upload(c, round_id, device_id, now)
+        with c.store.transaction():
+            c.store.add_update(Update(round_id, device_id, blob, size, num_tokens, dict(metrics), now))
+        path.unlink(missing_ok=True)
+        lifecycle.tick(c, now)
+        r = c.store.round(round_id)
+        return r is not None and r.status != "open"
+
+
+def _check_secagg_step(c: Coordinator, round_id: int, device_id: str, kind: str, now: float) -> tuple[Round, SecAggRound]:
+    """The round is open, in `kind`'s stage, before its deadline; the device is in it, once."""
+    r = c.store.round(round_id)
+    if r is None:
+        raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
+    if not c.cfg.privacy.secagg:
+        raise Refused(WRONG_STAGE, "this run does not use secure aggregation (privacy.secagg is false)")
+    if r.status != "open":
+        raise Refused(ROUND_CLOSED, f"round {round_id} is closed ({r.status}); its messages are refused")
+    if not c.store.is_assigned(round_id, device_id):
+        raise Refused(NOT_ASSIGNED, f"device {device_id} was not assigned to round {round_id}")
+    s = c.store.secagg_round(round_id)
+    assert s is not None
+    want = STAGE_OF[kind]
+    if s.stage != want:
+        raise Refused(WRONG_STAGE, f"round {round_id} is in stage {s.stage!r}; a {kind} message belongs to stage {want!r}")
+    if now >= (r.deadline if want == "advertise" else s.stage_deadline):
+        raise Refused(WRONG_STAGE, f"round {round_id}'s {want!r} stage passed its deadline")
+    if want != "advertise" and device_id not in stages.index_of(s):
+        raise Refused(NOT_IN_COHORT, f"device {device_id} did not advertise keys in time for round {round_id}")
+    done = c.store.has_update(round_id, device_id) if kind == sw.MASKED else c.store.has_secagg_message(round_id, device_id, kind)
+    if done:
+        raise Refused(DUPLICATE, f"device {device_id} already sent its {kind} message for round {round_id}")
+    return r, s
+
+
+def secagg_message(c: Coordinator, round_id: int, device_id: str, kind: str, body: bytes, now: float) -> None:
+    """Record one device's step-0, step-1 or step-3 message after checking it against the round."""
+    with c.lock:
+        lifecycle.tick(c, now)
+        r, s = _check_secagg_step(c, round_id, device_id, kind, now)
+        try:
+            if kind == sw.KEYS:
+                sw.parse_keys(body)
+            elif kind == sw.SHARES:
+                u, graph = stages.index_of(s)[device_id], stages.graph_of(c, s)
+                sw.parse_shares(body, round_id, u, graph[u] | {u})
+            elif kind == sw.UNMASK:
+                u, graph = stages.index_of(s)[device_id], stages.graph_of(c, s)
+                if s.survivors is None or u not in s.survivors:
+                    raise Refused(NOT_IN_COHORT, f"device {device_id} sent no masked input in round {round_id}; "
+                                                 f"only survivors answer the unmasking")
+                sw.parse_unmask(body, round_id, u, set(s.survivors) & (graph[u] | {u}), set(s.dropped or ()) & graph[u])
+            else:
+                raise Refused(WRONG_STAGE, f"{kind!r} is not a secure-aggregation message sent this way")
+        except sw.MalformedMessage as e:
+            raise Refused(INVALID_SECAGG, f"{kind} message for round {round_id}: {e}") from None
+        with c.store.transaction():
+            c.store.add_secagg_message(round_id, device_id, kind, body)
+        lifecycle.tick(c, now)
+
+
+def secagg_view(c: Coordinator, round_id: int, device_id: str, now: float) -> dict[str, Any]:
+    """What the server tells device `device_id` about the round's current stage (wire.SecAggState)."""
+    with c.lock:
+        lifecycle.tick(c, now)
+        r = c.store.round(round_id)
+        if r is None:
+            raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
+        if not c.store.is_assigned(round_id, device_id):
+            raise Refused(NOT_ASSIGNED, f"device {device_id} was not assigned to round {round_id}")
+        s = c.store.secagg_round(round_id)
+        if s is None:
+            raise Refused(WRONG_STAGE, f"round {round_id} does not use secure aggregation")
+        if r.status != "open":
+            return {"round_id": round_id, "stage": r.status, "reason": r.reason or "", "deadline": r.closed_at or now}
+        out: dict[str, Any] = {"round_id": round_id, "stage": s.stage, "reason": "",
+                               "deadline": r.deadline if s.stage == "advertise" else s.stage_deadline}
+        u = stages.index_of(s).get(device_id)
+        if s.stage == "advertise" or u is None:
+            return out
+        out.update(index=u, params=s.params)
+        if s.stage == "share":  # step 0 -> 1: N(u)'s public keys (`key_directories`)
+            directory = stages.routing(c, s)[u]
+            out["neighbours"] = {v: {"enc_public": k[0].hex(), "mask_public": k[1].hex()} for v, k in directory.neighbours.items()}
+        elif s.stage == "masked":  # step 1 -> 2: the ciphertexts addressed to u (`route_shares`)
+            bundles = stages.routing(c, s)
+            out["shares"] = [{"sender": e.sender, "nonce": e.nonce.hex(), "ciphertext": e.ciphertext.hex()}
+                             for e in (bundles[u].shares if u in bundles else ())]
+        elif s.stage == "unmask":  # step 2 -> 3: U3 and D (`unmask_request`)
+            out.update(survivors=s.survivors, dropped=s.dropped)
+        return out
+
+

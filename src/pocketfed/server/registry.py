@@ -1,0 +1,54 @@
+"""Device registration (Ed25519 keys, one-time enrollment tokens)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from pocketfed.errors import UserError
+from pocketfed.server.service import ENROLLMENT_REFUSED, KEY_TAKEN, NAME_TAKEN, NOT_ENROLLED, Coordinator, Refused
+from pocketfed.server.store import Store, sha256_hex
+
+
+def register(c: Coordinator, name: str, public_key: str, now: float, token: str | None = None) -> str:
+    """Register a device under `name` with its Ed25519 key (idempotent for the same pair). Unless
+    deploy.open_registration, a new pair spends a one-time enrollment token (`enroll`)."""
+    with c.lock:
+        owner = c.store.device_key(name)
+        known = c.store.device_by_key(public_key)
+        if owner == public_key:
+            return name
+        if owner is not None:
+            raise Refused(NAME_TAKEN, f"device name {name!r} is registered with another key; choose another --name")
+        if known is not None:
+            raise Refused(KEY_TAKEN, f"this key is already registered as device {known!r}")
+        with c.store.transaction():
+            if not c.cfg.deploy.open_registration:
+                if not token:
+                    raise Refused(NOT_ENROLLED, "this coordinator registers enrolled devices only: run "
+                                  "`pocketfed enroll` on the server and give the device its token (--enroll-token)")
+                if not c.store.spend_enrollment(sha256_hex(token.encode()), name, now):
+                    raise Refused(ENROLLMENT_REFUSED, "the enrollment token is unknown, expired or already used; "
+                                  "ask the server's operator for a new one (`pocketfed enroll`)")
+            c.store.add_device(name, public_key, now)
+        return name
+
+
+ENROLL_TTL_S = 7 * 86400.0
+
+
+def enroll(store: Store, count: int = 1, ttl_s: float = ENROLL_TTL_S, now: float | None = None) -> list[str]:
+    """`count` new one-time enrollment tokens, valid for `ttl_s` seconds. Only their sha256 is stored,
+    so the state folder does not hold a usable token; a token is 32 random bytes (secrets)."""
+    if count < 1 or count > 10_000:
+        raise UserError(f"--count must be between 1 and 10000, not {count}")
+    if not ttl_s > 0:
+        raise UserError(f"--ttl-hours must be positive, not {ttl_s / 3600:g}")
+    now = time.time() if now is None else now
+    tokens = [secrets.token_urlsafe(32) for _ in range(count)]
+    with store.transaction():
+        for token in tokens:
+            store.add_enrollment(sha256_hex(token.encode()), now, now + ttl_s)
+    return tokens
+
+

@@ -1,0 +1,191 @@
+"""The coordinator's state and set-up: the store, the run's config, the release key, the privacy
+run in force, and the things every request reads (the round's privacy plan, signed manifests).
+
+The round's logic is the round engine's (`pocketfed.server.round`); `pocketfed.server.lifecycle`
+drives it from requests and ticks; `device_requests`, `secagg_stages`, `registry` and `status`
+answer the HTTP layer (`pocketfed.server.coordinator` gathers their public functions).
+A refusal raises `Refused(code, sentence)`; the HTTP layer maps the code to a status.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.torch import load as st_load
+
+from pocketfed import codec
+from pocketfed.config import RunConfig, load_config, to_dict
+from pocketfed.errors import UserError
+from pocketfed.privacy import secagg
+from pocketfed.privacy.budget import PrivacyRun, init_privacy
+from pocketfed.privacy.pipeline import PrivacyPlan
+from pocketfed.protocol import secagg_wire as sw
+from pocketfed.release import signing
+from pocketfed.server import checkpoint, strategies
+from pocketfed.server import round as engine
+from pocketfed.server.store import Store, Version
+
+AdapterState = dict[str, torch.Tensor]
+
+# Refusal codes (the HTTP layer maps them to statuses).
+UNKNOWN_ROUND, ROUND_CLOSED, NOT_ASSIGNED, DUPLICATE = "unknown_round", "round_closed", "not_assigned", "duplicate_upload"
+OFFSET_MISMATCH, TOO_LARGE, TRUNCATED, HASH_MISMATCH = "offset_mismatch", "upload_too_large", "truncated_upload", "hash_mismatch"
+INVALID_UPDATE, NAME_TAKEN, KEY_TAKEN = "invalid_update", "name_taken", "key_registered"
+NOT_ENROLLED, ENROLLMENT_REFUSED = "enrollment_required", "enrollment_refused"
+WRONG_STAGE, NOT_IN_COHORT, INVALID_SECAGG = "wrong_stage", "not_in_cohort", "invalid_secagg_message"
+STAGE_OF = {sw.KEYS: "advertise", sw.SHARES: "share", sw.MASKED: "masked", sw.UNMASK: "unmask"}
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.code, self.message, self.extra = code, message, extra
+
+
+@dataclass
+class Coordinator:
+    """What the round functions work on: the store, the run's config and the release key."""
+
+    store: Store
+    cfg: RunConfig
+    release_key: Ed25519PrivateKey
+    model_id: str
+    like: AdapterState  # the adapter schema (names, shapes), as zero tensors
+    max_upload_bytes: int
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    upload_locks: dict[Path, threading.Lock] = field(default_factory=dict)  # per upload in progress
+    privacy: PrivacyRun | None = None  # the accountant and clip state in force (the store's copy, kept in step)
+    stop_cache: dict[int, str | None] = field(default_factory=dict)  # version -> why no round opens (or None)
+    # (round_id, stage) -> the secagg routing every device of that stage reads (key directories or
+    # share bundles): its inputs are frozen once the stage opens, so it is built once, not per poll
+    secagg_routing: dict[tuple[int, str], Any] = field(default_factory=dict)
+
+    @property
+    def dimension(self) -> int:
+        return sum(v.numel() for v in self.like.values())
+
+    @property
+    def plan(self) -> PrivacyPlan:
+        """The open round's privacy plan (C and z move only at commits); the goal is the expected cohort."""
+        return engine.round_plan(self.cfg, self.privacy, self.cfg.deploy.goal)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    charging: bool
+    idle: bool
+    unmetered: bool
+    free_memory_mb: int
+
+
+@dataclass(frozen=True)
+class Assignment:
+    round_id: int
+    idx: int
+    seed: int
+    deadline: float
+    version: Version
+
+
+@dataclass(frozen=True)
+class Wait:
+    retry_at: float
+    reason: str
+    done: bool = False
+
+
+# ---- set-up ---------------------------------------------------------------------------------------
+def _with_defaults(config_json: str) -> dict[str, Any] | None:
+    """A stored config with the keys a newer pocketfed added at their defaults (None if it no longer
+    parses), so that upgrading does not make an existing state folder look like another run's."""
+    try:
+        return to_dict(load_config(None, json.loads(config_json)))
+    except (UserError, ValueError, TypeError, KeyError):
+        return None
+
+
+def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
+                     init_params: Callable[[], AdapterState], now: float | None = None) -> Coordinator:
+    """Open (or create) the state in `folder`. `init_params` is called only for a new state."""
+    now = time.time() if now is None else now
+    store = Store(folder)
+    config_json = json.dumps(to_dict(cfg), sort_keys=True)
+    stored = store.get_meta("config")
+    if stored is not None and stored != config_json and _with_defaults(stored) != to_dict(cfg):
+        raise UserError(f"the state in {folder} was started with another config; use the same config or a new --db folder")
+    key = signing.load_or_create_key(Path(folder))
+    if store.latest_version() is None:
+        state = strategies.init(init_params(), cfg.server)
+        adapter_sha = store.put_blob(checkpoint.adapter_to_bytes(state.params))
+        state_sha = store.put_blob(checkpoint.state_to_bytes(state))
+        privacy = _init_privacy(cfg)
+        with store.transaction():
+            store.add_version(Version(0, -1, None, 0, adapter_sha, state_sha, now))
+            store.set_meta("config", config_json)
+            store.set_meta("model_id", model_id)
+            if privacy is not None:
+                store.set_meta("privacy", json.dumps(privacy.to_json()))
+    elif store.get_meta("model_id") != model_id:
+        raise UserError(f"the state in {folder} was trained on model {store.get_meta('model_id')!r}, not {model_id!r}")
+    latest = store.latest_version()
+    assert latest is not None
+    params = st_load(store.get_blob(latest.adapter_sha))
+    like = {k: torch.zeros_like(v) for k, v in params.items()}
+    expected = len(codec.encode(like, cfg.privacy.codec))
+    if cfg.privacy.secagg:  # the masked input: D words of up to 8 bytes in safetensors
+        expected = max(expected, 8 * sum(v.numel() for v in like.values()) + 1024)
+        _check_secagg_config(cfg, sum(v.numel() for v in like.values()))
+    limit = min(int(cfg.deploy.max_upload_mb * 2**20), expected + 64 * 1024)
+    raw = store.get_meta("privacy")
+    privacy = PrivacyRun.from_json(json.loads(raw)) if raw else None
+    return Coordinator(store, cfg, key, model_id, like, limit, privacy=privacy)
+
+
+# ---- privacy set-up and bookkeeping ---------------------------------------------------------------
+def _init_privacy(cfg: RunConfig) -> PrivacyRun | None:
+    """The accountant for a DP run. Each round is accounted as Poisson sampling at rate
+    goal / deploy.population; with the population unknown (0), at rate 1 (no amplification)."""
+    rate = min(1.0, cfg.deploy.goal / cfg.deploy.population) if cfg.deploy.population else 1.0
+    try:
+        return init_privacy(cfg, rate)
+    except ValueError as e:
+        raise UserError(f"privacy settings cannot be accounted: {e}") from None
+
+
+def _check_secagg_config(cfg: RunConfig, dim: int) -> None:
+    p, n = cfg.privacy, cfg.deploy.goal
+    if n < 2:
+        raise UserError("privacy.secagg needs deploy.goal of at least 2 (the threshold t is at least 2)")
+    plan = engine.round_plan(cfg, None, n)
+    plan = replace(plan, noise_multiplier=p.noise_multiplier or 1.0)  # a bound for a calibrated z too
+    try:
+        secagg.SecAggConfig(0, n, dim, secagg.default_threshold(n, p.secagg_degree), plan.secagg_bound(dim), p.frac_bits)
+    except ValueError as e:
+        raise UserError(f"privacy.secagg with deploy.goal={n}, privacy.clip_norm={p.clip_norm}, "
+                        f"privacy.frac_bits={p.frac_bits}: {e}") from None
+
+
+# ---- releases -------------------------------------------------------------------------------------
+def manifest_for(c: Coordinator, v: Version, now: float) -> tuple[dict[str, Any], str]:
+    """The version's manifest, freshly signed with a new expiry (freeze protection)."""
+    m = signing.Manifest(
+        version=v.version, parent_version=v.parent, sha256=v.adapter_sha, round=v.rounds_applied,
+        strategy=c.cfg.server.strategy.value, base_model=c.model_id,
+        issued_at=now, expires_at=now + c.cfg.deploy.manifest_ttl_s,
+    )
+    return m.to_json(), signing.sign(c.release_key, m)
+
+
+
+
+def task_privacy(c: Coordinator) -> dict[str, Any]:
+    """The open round's privacy plan as the task's wire fields (`protocol.wire.PrivacySpec`)."""
+    plan = c.plan
+    return {"dp": plan.dp.value, "clip_norm": plan.clip_norm, "noise_std": plan.device_noise_std, "secagg": plan.secagg}
