@@ -6,8 +6,9 @@ Device side, `device_privatize(update, plan)`, in this order:
     3. encode    the codec (float32 / float16 / int8)                        (no secagg)
        or keep the float vector [D] for fixed-point masking (`pocketfed.privacy.secagg`)
 Server side:
-    4. sum       `server_sum`: each decoded update clipped again to C (so the sensitivity holds
-                 whatever a device sent) and summed; or the secure sum (the server learns only it)
+    4. sum       `server_sum`: each decoded upload clipped again to the bound an honest one holds
+                 (C; C plus the noise share's tail under distributed DP), so the sensitivity holds
+                 whatever a device sent, and summed; or the secure sum (the server learns only it)
     5. noise     + N(0, (z C)^2 I)                                           (central DP)
     6. mean      `finish`: sum / n_expected under DP (a fixed denominator keeps the sensitivity
                  at C / n), sum / n_received under secure aggregation alone
@@ -67,8 +68,10 @@ class PrivacyPlan:
             return 0.0
         return dp.distributed_noise_std(self.noise_multiplier, self.clip_norm, self.expected_devices)
 
-    def secagg_bound(self, dim: int) -> float:
-        """The L2 bound the fixed-point encoding must hold: C, or C plus the noise's tail bound."""
+    def upload_bound(self, dim: int) -> float:
+        """The L2 bound an honest device's upload of `dim` values holds: C, or under distributed DP
+        C plus the tail bound of its noise share (`dp.noised_norm_bound`). The fixed-point encoding of
+        secure aggregation is sized for it, and the server clips decoded uploads to it."""
         std = self.device_noise_std
         return dp.noised_norm_bound(self.clip_norm, std, dim) if std else self.clip_norm
 
@@ -112,8 +115,10 @@ def plain_mean(updates: list[AdapterState], weights: list[float]) -> AdapterStat
 
 
 def server_sum(updates: list[AdapterState], plan: PrivacyPlan) -> np.ndarray:
-    """Server step 4 on decoded (not secure) uploads: sum_i clip(Delta_i, C), flat [D] float64."""
-    return np.sum([dp.clip_vector(dp.flatten_update(u), plan.clip_norm) for u in updates], axis=0)
+    """Server step 4 on decoded (not secure) uploads: sum_i clip(Delta_i, bound), flat [D] float64."""
+    vectors = [dp.flatten_update(u) for u in updates]
+    bound = plan.upload_bound(len(vectors[0]))
+    return np.sum([dp.clip_vector(x, bound) for x in vectors], axis=0)
 
 
 def finish(total: np.ndarray, plan: PrivacyPlan, received: int, like: AdapterState) -> AdapterState:

@@ -114,7 +114,7 @@ def collect_in_memory(results: list[TrainResult], plan: PrivacyPlan, like: Adapt
         vectors = [x.upload.vector for x in results if x.upload is not None and x.upload.vector is not None]
         if len(vectors) != len(results):
             raise ValueError("under secure aggregation every result must carry its pipeline's vector")
-        outcome = secagg.simulate_round(vectors, clip_norm=plan.secagg_bound(len(vectors[0])), frac_bits=plan.frac_bits,
+        outcome = secagg.simulate_round(vectors, clip_norm=plan.upload_bound(len(vectors[0])), frac_bits=plan.frac_bits,
                                         round_id=round_id, neighbours=plan.secagg_degree or None)
         total, sent = outcome.total, outcome.device_bytes_sent
     contributions = []

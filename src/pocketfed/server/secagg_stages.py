@@ -74,7 +74,7 @@ def _start_sharing(c: Coordinator, r: Round, now: float) -> str | None:
     cohort = sorted(keys)
     n, dim = len(cohort), c.dimension
     config = secagg.SecAggConfig(r.round_id, n, dim, secagg.default_threshold(n, p.secagg_degree),
-                                 c.plan.secagg_bound(dim), p.frac_bits)
+                                 c.plan.upload_bound(dim), p.frac_bits)
     seed = os.urandom(32)  # public randomness for the SecAgg+ graph, drawn after the cohort is fixed
     graph = secagg.neighbour_graph(range(n), p.secagg_degree or None, seed)
     try:

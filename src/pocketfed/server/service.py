@@ -166,7 +166,7 @@ def _check_secagg_config(cfg: RunConfig, dim: int) -> None:
     plan = engine.round_plan(cfg, None, n)
     plan = replace(plan, noise_multiplier=p.noise_multiplier or 1.0)  # a bound for a calibrated z too
     try:
-        secagg.SecAggConfig(0, n, dim, secagg.default_threshold(n, p.secagg_degree), plan.secagg_bound(dim), p.frac_bits)
+        secagg.SecAggConfig(0, n, dim, secagg.default_threshold(n, p.secagg_degree), plan.upload_bound(dim), p.frac_bits)
     except ValueError as e:
         raise UserError(f"privacy.secagg with deploy.goal={n}, privacy.clip_norm={p.clip_norm}, "
                         f"privacy.frac_bits={p.frac_bits}: {e}") from None

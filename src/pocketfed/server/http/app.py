@@ -15,6 +15,13 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
 Every refusal is a 4xx with `{"error": code, "detail": sentence}`. Request bodies are capped
 before they are read (`CHUNK_MAX_BYTES` for uploads, `JSON_MAX_BYTES` otherwise). A background
 task ticks the round lifecycle, so deadlines pass even when no device calls.
+
+A signed request is checked in two steps: its form and Ed25519 signature on the event loop (pure
+computation), then, in the same trip to the thread pool as the handler's own work, that its key
+is registered and its nonce unused (the store: SQLite is never touched on the event loop, where
+a busy database would stall every connection). One trip per request, not one per step: each trip
+is a thread hand-off both ways. A refusal of the body's fields (422) therefore comes before a
+refusal of an unknown key or a replayed nonce (401); neither changes any state.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +54,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": wire.ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422)
 }
 Clock = Callable[[], float]
+T = TypeVar("T")
+# The signature headers, for the OpenAPI document: `auth.verify_headers` reads and checks them, so
+# they are not declared as FastAPI parameters (which would parse and validate them a second time).
+SIGNED: dict[str, Any] = {"parameters": [
+    {"name": name, "in": "header", "required": True, "schema": {"type": "string", "maxLength": size}}
+    for name, size in (("X-PF-Key", 64), ("X-PF-Timestamp", 24), ("X-PF-Nonce", 32), ("X-PF-Signature", 128))
+]}
 
 
 def _error(status: int, code: str, detail: str, received: int | None = None) -> JSONResponse:
@@ -128,7 +142,8 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
         return _error(e.status_code, f"http_{e.status_code}", str(e.detail))
 
     # ---- authentication ---------------------------------------------------------------------
-    async def _signed(request: Request) -> auth.SignedRequest:
+    async def signed(request: Request) -> auth.SignedRequest:
+        """Dependency: the request's form, timestamp and signature (registration and nonce: `as_device`)."""
         body = await request.body()
         path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return auth.verify_headers(request.headers, request.method, path_qs, body, clock(),
@@ -143,114 +158,130 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
             raise auth.AuthError(auth.REPLAYED, "this request's nonce was already used (replayed request)")
         return device
 
-    async def device_id(
-        request: Request,
-        x_pf_key: str | None = Header(None, alias="X-PF-Key", max_length=64),
-        x_pf_timestamp: str | None = Header(None, alias="X-PF-Timestamp", max_length=24),
-        x_pf_nonce: str | None = Header(None, alias="X-PF-Nonce", max_length=32),
-        x_pf_signature: str | None = Header(None, alias="X-PF-Signature", max_length=128),
-    ) -> str:
-        signed = await _signed(request)
-        device = await run_in_threadpool(_fresh, signed, True)
-        assert device is not None
-        return device
+    async def as_device(request: auth.SignedRequest, work: Callable[[str], T]) -> T:
+        """`work(device)` for the registered device that signed the request, its nonce spent: in one
+        trip to the thread pool."""
+
+        def run() -> T:
+            device = _fresh(request, True)
+            assert device is not None
+            return work(device)
+
+        return await run_in_threadpool(run)
 
     async def threaded(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
 
+    # What every task carries that is fixed for the coordinator's life (the config and the adapter
+    # schema), built once rather than per check-in.
+    cfg = c.cfg
+    task_fixed = dict(
+        model=c.model_id,
+        lora=wire.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           target_modules=list(cfg.lora.target_modules)),
+        data=wire.DataSpec(seq_len=cfg.data.seq_len, test_fraction=cfg.data.test_fraction,
+                           min_train_tokens=cfg.data.min_train_tokens),
+        train=wire.TrainSpec(**{k: getattr(cfg.train, k) for k in wire.TrainSpec.model_fields}),
+        codec=cfg.privacy.codec.value,
+        adapter_schema=[wire.TensorSpec(name=k, shape=list(v.shape), dtype="float32") for k, v in c.like.items()],
+        max_upload_bytes=c.max_upload_bytes, chunk_bytes=min(wire.CHUNK_MAX_BYTES, 2**20),
+    )
+    private = cfg.privacy.secagg or cfg.privacy.dp.value != "none"
+
     # ---- routes -------------------------------------------------------------------------------
-    @app.post(f"{wire.PREFIX}/register", response_model=wire.RegisterResponse, responses=ERRORS)
-    async def register(
-        req: wire.RegisterRequest, request: Request,
-        x_pf_key: str | None = Header(None, alias="X-PF-Key", max_length=64),
-        x_pf_timestamp: str | None = Header(None, alias="X-PF-Timestamp", max_length=24),
-        x_pf_nonce: str | None = Header(None, alias="X-PF-Nonce", max_length=32),
-        x_pf_signature: str | None = Header(None, alias="X-PF-Signature", max_length=128),
-    ) -> wire.RegisterResponse:
+    @app.post(f"{wire.PREFIX}/register", response_model=wire.RegisterResponse, responses=ERRORS, openapi_extra=SIGNED)
+    async def register(req: wire.RegisterRequest, request: auth.SignedRequest = Depends(signed)) -> wire.RegisterResponse:
         """Register a device name with its Ed25519 key; signed by that key (proof of possession), and
         spending a one-time enrollment token unless the coordinator runs with open registration."""
-        signed = await _signed(request)
-        if signed.public_key != req.public_key:
+        if request.public_key != req.public_key:
             raise auth.AuthError(auth.BAD_SIGNATURE, "the request must be signed by the key being registered")
-        await threaded(_fresh, signed, False)
-        return wire.RegisterResponse(device_id=await threaded(co.register, c, req.name, req.public_key, clock(),
-                                                              req.enrollment_token))
+        now = clock()
 
-    @app.post(f"{wire.PREFIX}/checkin", response_model=wire.CheckinResponse, responses=ERRORS)
-    async def checkin(req: wire.CheckinRequest, device: str = Depends(device_id)) -> wire.CheckinResponse:
+        def run() -> str:
+            _fresh(request, False)
+            return co.register(c, req.name, req.public_key, now, req.enrollment_token)
+
+        return wire.RegisterResponse(device_id=await run_in_threadpool(run))
+
+    @app.post(f"{wire.PREFIX}/checkin", response_model=wire.CheckinResponse, responses=ERRORS, openapi_extra=SIGNED)
+    async def checkin(req: wire.CheckinRequest, request: auth.SignedRequest = Depends(signed)) -> wire.CheckinResponse:
         """Report eligibility; get a task in the open round, or when to come back."""
         now = clock()
-        e = req.eligibility
-        out = await threaded(co.checkin, c, device, co.Eligibility(e.charging, e.idle, e.unmetered, e.free_memory_mb), now)
+        e = co.Eligibility(req.eligibility.charging, req.eligibility.idle, req.eligibility.unmetered,
+                           req.eligibility.free_memory_mb)
+        out = await as_device(request, lambda device: co.checkin(c, device, e, now))
         if isinstance(out, co.Wait):
             return wire.CheckinResponse(retry_at=out.retry_at, reason=out.reason, done=out.done)
         manifest, signature = co.manifest_for(c, out.version, now)
-        cfg = c.cfg
         task = wire.TaskSpec(
-            round_id=out.round_id, round_index=out.idx, seed=out.seed, deadline=out.deadline, model=c.model_id,
+            round_id=out.round_id, round_index=out.idx, seed=out.seed, deadline=out.deadline,
             release=wire.SignedManifest(manifest=manifest, signature=signature),
-            lora=wire.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               target_modules=list(cfg.lora.target_modules)),
-            data=wire.DataSpec(seq_len=cfg.data.seq_len, test_fraction=cfg.data.test_fraction,
-                               min_train_tokens=cfg.data.min_train_tokens),
-            train=wire.TrainSpec(**{k: getattr(cfg.train, k) for k in wire.TrainSpec.model_fields}),
-            codec=cfg.privacy.codec.value,
-            adapter_schema=[wire.TensorSpec(name=k, shape=list(v.shape), dtype="float32") for k, v in c.like.items()],
-            max_upload_bytes=c.max_upload_bytes, chunk_bytes=min(wire.CHUNK_MAX_BYTES, 2**20),
-            privacy=wire.PrivacySpec(**co.task_privacy(c)) if cfg.privacy.secagg or cfg.privacy.dp.value != "none" else None,
+            privacy=wire.PrivacySpec(**co.task_privacy(c)) if private else None, **task_fixed,
         )
         return wire.CheckinResponse(task=task, retry_at=out.deadline, reason="task")
 
     @app.get(f"{wire.PREFIX}/adapters/{{sha256}}", responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
-             response_class=Response)
-    async def adapter(sha256: str = Path(pattern=r"^[0-9a-f]{64}$"), device: str = Depends(device_id)) -> Response:
+             response_class=Response, openapi_extra=SIGNED)
+    async def adapter(sha256: str = Path(pattern=r"^[0-9a-f]{64}$"), request: auth.SignedRequest = Depends(signed)) -> Response:
         """A released global adapter (safetensors); verify its sha256 against the signed manifest."""
-        if not await threaded(c.store.is_release_blob, sha256):
+        blob = await as_device(request, lambda _: c.store.get_blob(sha256) if c.store.is_release_blob(sha256) else None)
+        if blob is None:
             return _error(404, "unknown_adapter", f"no released adapter has sha256 {sha256}")
-        return Response(await threaded(c.store.get_blob, sha256), media_type="application/octet-stream")
+        return Response(blob, media_type="application/octet-stream")
 
-    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/upload", response_model=wire.UploadStatus, responses=ERRORS)
-    async def upload_status(round_id: int = Path(ge=0, le=2**62), device: str = Depends(device_id)) -> wire.UploadStatus:
+    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/upload", response_model=wire.UploadStatus, responses=ERRORS,
+             openapi_extra=SIGNED)
+    async def upload_status(round_id: int = Path(ge=0, le=2**62),
+                            request: auth.SignedRequest = Depends(signed)) -> wire.UploadStatus:
         """How many bytes of this device's update for the round the server holds (to resume)."""
-        return wire.UploadStatus(received=await threaded(co.upload_received, c, round_id, device, clock()))
+        now = clock()
+        return wire.UploadStatus(received=await as_device(request, lambda device: co.upload_received(c, round_id, device, now)))
 
     @app.put(
         f"{wire.PREFIX}/rounds/{{round_id}}/upload", response_model=wire.UploadStatus, responses=ERRORS,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+        openapi_extra={**SIGNED, "requestBody": {"required": True, "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary", "maxLength": wire.CHUNK_MAX_BYTES}}}}},
     )
-    async def upload_chunk(request: Request, round_id: int = Path(ge=0, le=2**62),
-                           offset: int = Query(ge=0, le=2**31), device: str = Depends(device_id)) -> wire.UploadStatus:
+    async def upload_chunk(raw: Request, round_id: int = Path(ge=0, le=2**62), offset: int = Query(ge=0, le=2**31),
+                           request: auth.SignedRequest = Depends(signed)) -> wire.UploadStatus:
         """Append one chunk of the update at `offset` (= bytes received so far)."""
-        body = await request.body()
+        body = await raw.body()
         if not body:
             return _error(400, "empty_chunk", "an upload chunk must hold at least one byte")  # type: ignore[return-value]
-        return wire.UploadStatus(received=await threaded(co.receive_chunk, c, round_id, device, offset, body, clock()))
+        now = clock()
+        return wire.UploadStatus(received=await as_device(
+            request, lambda device: co.receive_chunk(c, round_id, device, offset, body, now)))
 
-    @app.post(f"{wire.PREFIX}/rounds/{{round_id}}/commit", response_model=wire.CommitResponse, responses=ERRORS)
+    @app.post(f"{wire.PREFIX}/rounds/{{round_id}}/commit", response_model=wire.CommitResponse, responses=ERRORS,
+              openapi_extra=SIGNED)
     async def commit(req: wire.CommitRequest, round_id: int = Path(ge=0, le=2**62),
-                     device: str = Depends(device_id)) -> wire.CommitResponse:
+                     request: auth.SignedRequest = Depends(signed)) -> wire.CommitResponse:
         """Finish an upload: the server checks size, hash, tensor schema and values, then records it."""
-        closed = await threaded(co.commit_upload, c, round_id, device, req.size, req.sha256, req.num_tokens,
-                                dict(req.metrics), clock())
+        now = clock()
+        closed = await as_device(request, lambda device: co.commit_upload(
+            c, round_id, device, req.size, req.sha256, req.num_tokens, dict(req.metrics), now))
         return wire.CommitResponse(accepted=True, round_closed=closed)
 
-    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/secagg", response_model=wire.SecAggState, responses=ERRORS)
-    async def secagg_state(round_id: int = Path(ge=0, le=2**62), device: str = Depends(device_id)) -> wire.SecAggState:
+    @app.get(f"{wire.PREFIX}/rounds/{{round_id}}/secagg", response_model=wire.SecAggState, responses=ERRORS,
+             openapi_extra=SIGNED)
+    async def secagg_state(round_id: int = Path(ge=0, le=2**62),
+                           request: auth.SignedRequest = Depends(signed)) -> wire.SecAggState:
         """The round's secure-aggregation stage, with what this device needs for it (keys, shares, U3)."""
-        return wire.SecAggState(**await threaded(co.secagg_view, c, round_id, device, clock()))
+        now = clock()
+        return wire.SecAggState(**await as_device(request, lambda device: co.secagg_view(c, round_id, device, now)))
 
     @app.post(
         f"{wire.PREFIX}/rounds/{{round_id}}/secagg/{{kind}}", response_model=wire.Accepted, responses=ERRORS,
-        openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
+        openapi_extra={**SIGNED, "requestBody": {"required": True, "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary", "maxLength": wire.JSON_MAX_BYTES}}}}},
     )
-    async def secagg_message(request: Request, round_id: int = Path(ge=0, le=2**62),
+    async def secagg_message(raw: Request, round_id: int = Path(ge=0, le=2**62),
                              kind: str = Path(pattern=r"^(keys|shares|unmask)$"),
-                             device: str = Depends(device_id)) -> wire.Accepted:
+                             request: auth.SignedRequest = Depends(signed)) -> wire.Accepted:
         """A step-0 (keys), step-1 (shares) or step-3 (unmask) message as safetensors arrays."""
-        body = await request.body()
-        await threaded(co.secagg_message, c, round_id, device, SECAGG_KINDS[kind], body, clock())
+        body = await raw.body()
+        now = clock()
+        await as_device(request, lambda device: co.secagg_message(c, round_id, device, SECAGG_KINDS[kind], body, now))
         return wire.Accepted(accepted=True)
 
     @app.get(f"{wire.PREFIX}/release/latest", response_model=wire.SignedManifest)

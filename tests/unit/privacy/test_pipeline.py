@@ -1,0 +1,76 @@
+"""The privacy pipeline, one function per side, against hand-computed numbers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pocketfed import codec
+from pocketfed.config import Codec, DPMode
+from pocketfed.privacy.pipeline import PrivacyPlan, device_privatize, finish, plain_mean, server_sum
+
+K = "m.lora_A.weight"
+
+
+def upd(*values: float) -> dict[str, torch.Tensor]:
+    return {K: torch.tensor([values], dtype=torch.float32)}
+
+
+def test_plan_refuses_what_no_round_can_use():
+    for bad in (dict(clip_norm=0.0), dict(clip_norm=float("inf")), dict(noise_multiplier=-1.0),
+                dict(noise_multiplier=float("nan")), dict(expected_devices=0)):
+        with pytest.raises(ValueError):
+            PrivacyPlan(**bad)
+
+
+def test_device_noise_share_and_upload_bound():
+    plan = PrivacyPlan(dp=DPMode.distributed, clip_norm=2.0, noise_multiplier=1.0, expected_devices=4)
+    assert plan.device_noise_std == pytest.approx(1.0)  # z C / sqrt(n) = 1 * 2 / 2
+    # C + s (sqrt(d) + 10) for d = 16: 2 + 1 * (4 + 10)
+    assert plan.upload_bound(16) == pytest.approx(16.0)
+    central = PrivacyPlan(dp=DPMode.central, clip_norm=2.0, noise_multiplier=1.0, expected_devices=4)
+    assert central.device_noise_std == 0.0 and central.upload_bound(16) == 2.0  # the server adds the noise
+    assert not PrivacyPlan().private and PrivacyPlan(secagg=True).private
+
+
+def test_device_side_plain_clipped_and_secure():
+    plain = device_privatize(upd(3.0, 4.0), PrivacyPlan(codec=Codec.float32))
+    assert plain.vector is None and plain.unclipped
+    torch.testing.assert_close(codec.decode(plain.payload, upd(0, 0))[K], torch.tensor([[3.0, 4.0]]))
+
+    # ||(3, 4)|| = 5 > C = 1: scaled by 1/5 to (0.6, 0.8), and the adaptive-clipping bit says clipped
+    clipped = device_privatize(upd(3.0, 4.0), PrivacyPlan(dp=DPMode.central, clip_norm=1.0))
+    assert not clipped.unclipped
+    torch.testing.assert_close(codec.decode(clipped.payload, upd(0, 0))[K], torch.tensor([[0.6, 0.8]]))
+
+    secure = device_privatize(upd(0.3, 0.4), PrivacyPlan(secagg=True, clip_norm=1.0))
+    assert secure.payload is None and secure.unclipped  # 0.5 <= 1: left as it is, to be masked next
+    np.testing.assert_allclose(secure.vector, [0.3, 0.4], rtol=1e-6)
+
+
+def test_server_side_clips_again_sums_and_divides():
+    central = PrivacyPlan(dp=DPMode.central, clip_norm=1.0, noise_multiplier=0.0, expected_devices=4)
+    # a device that skipped its clipping: (3, 4) -> (0.6, 0.8); an honest one (0.3, 0.4) stays
+    total = server_sum([upd(3.0, 4.0), upd(0.3, 0.4)], central)
+    np.testing.assert_allclose(total, [0.9, 1.2])
+    # under DP the denominator is the expected cohort (4), not the 2 received
+    torch.testing.assert_close(finish(total, central, 2, upd(0, 0))[K], torch.tensor([[0.225, 0.3]]))
+    # secure aggregation alone: the mean over the received
+    secure = PrivacyPlan(secagg=True)
+    torch.testing.assert_close(finish(np.array([0.9, 1.2]), secure, 2, upd(0, 0))[K], torch.tensor([[0.45, 0.6]]))
+
+
+def test_central_noise_has_std_z_times_c():
+    plan = PrivacyPlan(dp=DPMode.central, clip_norm=0.5, noise_multiplier=2.0, expected_devices=1)
+    like = {K: torch.zeros(1, 20_000)}
+    noised = finish(np.zeros(20_000), plan, 1, like)[K]
+    assert float(noised.std()) == pytest.approx(1.0, rel=0.03)  # z C = 2 * 0.5
+
+
+def test_plain_mean_weighs_by_tokens():
+    mean = plain_mean([upd(1.0, 1.0), upd(3.0, 3.0)], [1.0, 3.0])
+    torch.testing.assert_close(mean[K], torch.tensor([[2.5, 2.5]]))  # (1 * 1 + 3 * 3) / 4
+    with pytest.raises(ValueError):
+        plain_mean([upd(1.0)], [0.0])
+    assert math.isclose(float(plain_mean([upd(2.0)], [5.0])[K]), 2.0)
