@@ -49,7 +49,7 @@ def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assig
             return Wait(later, f"round {r.round_id} is past this device's key advertising (stage {s.stage!r}); "
                                f"wait for the next round")
         if not c.store.is_assigned(r.round_id, device_id):  # a device that crashed gets its task again
-            if not engine.admits(len(c.store.assigned(r.round_id)), r.target):
+            if not engine.admits(c.store.count_assigned(r.round_id), r.target):
                 return Wait(later, f"round {r.round_id} has its cohort of {r.target} devices")
             c.store.assign(r.round_id, device_id, now)
         version = c.store.version(r.base_version)
