@@ -1,10 +1,12 @@
-"""The device trainer: only adapter weights change, FedProx pulls toward the global model, seeds fix bits."""
+"""The simulator's local steps (`trainer.train_steps`) and the device task on its PEFT model: only adapter
+weights change, FedProx pulls toward the global model, seeds fix bits."""
 
 import torch
 
 from pocketfed.config import TrainConfig
 from pocketfed.data.federated import to_blocks
-from pocketfed.device.trainer import batches, run_task
+from pocketfed.device.task import batches, run_task, wrap_peft
+from pocketfed.device.trainer import train_steps
 from pocketfed.model import lora
 from pocketfed.protocol.messages import TrainTask
 from tests.conftest import tiny_config
@@ -14,12 +16,12 @@ def _setup(tiny_base):
     cfg = tiny_config()
     model = lora.attach(tiny_base.model, cfg.lora, seed=0)
     ids = list(range(100, 100 + 32 * 10))  # ten full rows of 32 tokens
-    return model, lora.get_state(model), to_blocks(ids, 32, 0)
+    return wrap_peft(model), lora.get_state(model), to_blocks(ids, 32, 0)
 
 
 def test_update_is_adapter_only_and_deterministic(tiny_base):
     model, g, data = _setup(tiny_base)
-    base_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    base_before = {n: p.clone() for n, p in model.module.named_parameters() if not p.requires_grad}
     task = TrainTask(0, "dev", g, TrainConfig(steps=3, batch_size=2, lr=1e-2), seed=7)
     r1 = run_task(model, data, task)
     r2 = run_task(model, data, task)
@@ -29,7 +31,7 @@ def test_update_is_adapter_only_and_deterministic(tiny_base):
     assert r1.num_tokens == 3 * 2 * 32
     r3 = run_task(model, data, TrainTask(0, "dev", g, TrainConfig(steps=3, batch_size=2, lr=1e-2), seed=8))
     assert any(not torch.equal(r1.update[k], r3.update[k]) for k in g)  # another seed, another order
-    for n, p in model.named_parameters():
+    for n, p in model.module.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base_before[n])  # the frozen base never moves
 
@@ -46,3 +48,13 @@ def test_batches_cover_an_epoch_before_repeating():
     gen = torch.Generator().manual_seed(0)
     idx = [b.tolist() for b in batches(6, 2, 3, gen)]
     assert sorted(sum(idx, [])) == [0, 1, 2, 3, 4, 5]
+
+
+def test_train_steps_is_the_device_loop_from_the_given_state(tiny_base):
+    model, g, data = _setup(tiny_base)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2)
+    ref = run_task(model, data, TrainTask(0, "d", g, cfg, seed=3))
+    model.set_state({k: v + 1.0 for k, v in g.items()})  # train_steps starts from the state it is given
+    tokens, metrics = train_steps(model.module, g, data, cfg, seed=3)
+    assert tokens == ref.num_tokens and metrics["steps"] == 2.0
+    assert all(torch.equal(model.get_state()[k] - g[k], ref.update[k]) for k in g)

@@ -3,12 +3,18 @@
     set-up   identity (Ed25519, kept in <home>/identity.key), trusted release key, register
     loop     check in with eligibility -> a task, or "come back at T"
              verify the task's signed release (tamper, rollback, freeze) and fetch its adapter
-             train with `pocketfed.device.trainer.run_task` (the simulator's own code)
-             encode (`pocketfed.codec.encode`) -> egress ledger (`check_and_record`) -> upload
-             or, under DP / secure aggregation (task.privacy): clip -> noise share
-             (`dp.privatize_update`) -> the four secagg stages (`secure_upload`), or the clipped
-             update uploaded as above (central DP)
+             on the first task: load the base once under the plan for --profile (`open_session`)
+             the device task (`pocketfed.device.task.run_task`, the simulator's own code): train,
+             then the privacy pipeline `device_privatize` under the task's PrivacyPlan
+             (clip -> noise share -> encode, or the clipped vector for secure aggregation)
+             -> egress ledger (`check_and_record`) -> upload, or the four secagg stages (`secure_upload`)
     until    the server says training is finished (or --max-rounds updates were sent)
+
+Memory: with --profile the process stays within the profile's budget (its whole-process peak
+RSS, VmHWM): the planner (`pocketfed.device.planner`) plans on top of what this process measures
+once its code and data are in, and picks the backend: for Llama models the lean one, whose
+process imports neither transformers nor PEFT (the tokenizer is `tokenizers` alone). Without
+--profile there is no budget: the simulator's transformers + PEFT model, in fp32.
 
 The device's data never leaves: only the update and scalar metrics do, and both pass the
 egress ledger first. A device killed at any point starts again from its home: same identity,
@@ -18,27 +24,38 @@ continues the same bytes.
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from pocketfed.memory import drop_cached_library_pages, peak_rss_mb, rss_mb
 
-from safetensors.torch import load as st_load
+drop_cached_library_pages("torch")  # before torch is imported: the process's RSS is the code it runs
 
-import numpy as np
+import gc  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
-from pocketfed.files import write_atomic
-from pocketfed import codec
-from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig
-from pocketfed.device import ledger
-from pocketfed.errors import UserError
-from pocketfed.privacy import dp, secagg
-from pocketfed.release import signing
-from pocketfed.protocol import secagg_wire as sw
-from pocketfed.device import http_client as http
-from pocketfed.protocol import wire
-from pocketfed.protocol.messages import TrainTask
+import numpy as np  # noqa: E402
+from safetensors.torch import load as st_load  # noqa: E402
+
+from pocketfed import codec  # noqa: E402
+from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig  # noqa: E402
+from pocketfed.data.federated import Blocks, to_blocks  # noqa: E402
+from pocketfed.device import http_client as http  # noqa: E402
+from pocketfed.device import ledger, task as device_task  # noqa: E402
+from pocketfed.device.lowmem import fix_malloc_thresholds, release_library, trim_heap  # noqa: E402
+from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
+from pocketfed.device.profiles import DeviceProfile  # noqa: E402
+from pocketfed.device.shape import ModelShape  # noqa: E402
+from pocketfed.errors import UserError  # noqa: E402
+from pocketfed.files import write_atomic  # noqa: E402
+from pocketfed.model import rank as rank_ops  # noqa: E402
+from pocketfed.privacy import secagg  # noqa: E402
+from pocketfed.privacy.pipeline import PrivacyPlan  # noqa: E402
+from pocketfed.protocol import secagg_wire as sw  # noqa: E402
+from pocketfed.protocol import wire  # noqa: E402
+from pocketfed.protocol.messages import TrainTask  # noqa: E402
+from pocketfed.release import signing  # noqa: E402
 
 IDENTITY = "identity.key"
 RELEASE_PIN = "release.pub"
@@ -184,44 +201,89 @@ def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Pat
     emit("secagg", {"round": task.round_index, "step": "unmask"})
 
 
-@dataclass
-class Trainer:
-    """The base model with LoRA and this device's training split, built on the first task."""
+def privacy_plan(task: wire.TaskSpec) -> PrivacyPlan:
+    """The round's PrivacyPlan from the task (the server's own, field for field)."""
+    return task.privacy.to_plan(task.codec) if task.privacy is not None else PrivacyPlan(codec=Codec(task.codec))
 
-    model: Any
-    train: Any
+
+@dataclass
+class Session:
+    """What the device keeps across rounds: the model with LoRA under its plan (None: no profile,
+    the simulator's model), and this device's training rows."""
+
+    model: device_task.DeviceModel
+    plan: Plan | None
+    train: Blocks
     key: tuple[Any, ...]
 
 
-def _trainer(current: Trainer | None, task: wire.TaskSpec, data_dir: Path, device_id: str) -> Trainer:
+def session_key(task: wire.TaskSpec) -> tuple[Any, ...]:
+    """What a session depends on: a task with another key needs another session."""
+    return task.model, task.lora.model_dump_json(), task.data.model_dump_json(), task.train.batch_size
+
+
+def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: DeviceProfile | None) -> Session:
+    """Tokenize this device's data (then drop the tokenizer), measure this process, plan, load the base."""
     from pocketfed.data import textdir
     from pocketfed.data.federated import FederatedDataset
-    from pocketfed.model import lora
-    from pocketfed.model.zoo import load_base
+    from pocketfed.model.zoo import resolve
 
-    key = (task.model, task.lora.model_dump_json(), task.data.model_dump_json())
-    if current is not None and current.key == key:
-        return current
-    base = load_base(task.model)
+    key = session_key(task)
     lcfg = LoraConfig(**task.lora.model_dump())
-    model = lora.attach(base.model, lcfg, seed=0)  # A's init is overwritten by the global adapter
     dcfg = DataConfig(dataset="textdir", path=str(data_dir), **task.data.model_dump())
-    dataset = FederatedDataset("textdir", {device_id: textdir.read_device(data_dir)}, base.tokenizer, dcfg)
-    return Trainer(model, dataset.device(device_id).train, key)
+    folder, _ = resolve(task.model)
+    backend = backend_for(folder) if profile is not None else Backend.peft
+    base = None
+    if profile is None:  # no budget: the simulator's model and tokenizer, as `pocketfed simulate` loads them
+        from pocketfed.model.zoo import load_base
+
+        base = load_base(task.model)
+        tokenizer: Any = base.tokenizer
+    elif backend is Backend.lean:
+        from pocketfed.device.leanmodel import Tokenizer
+
+        tokenizer = Tokenizer(folder)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    dataset = FederatedDataset("textdir", {device_id: textdir.read_device(data_dir)}, tokenizer, dcfg)
+    rows = dataset.device(device_id).train
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if base is not None:
+        from pocketfed.model import lora
+
+        model = device_task.wrap_peft(lora.attach(base.model, lcfg, seed=0))  # A is overwritten by the global adapter
+        return Session(model, None, rows, key)
+    del dataset, tokenizer
+    gc.collect()
+    trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
+    if backend is Backend.lean:
+        release_library("tokenizers")
+    train = TrainConfig(**task.train.model_dump())
+    plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend)
+    if plan.seq_len != dcfg.seq_len:  # the planner shortened the rows: the same tokens, re-cut
+        rows = to_blocks(rows.input_ids[rows.mask].tolist(), plan.seq_len, pad)
+    alpha = rank_ops.alpha_for_rank(lcfg.alpha, plan.rank, lcfg.rank)  # keeps the global scaling alpha / R
+    return Session(device_task.load_model(folder, plan, alpha, seed=0, dropout=lcfg.dropout), plan, rows, key)
 
 
 def run_device(
     server: str, ca: Path | None, data_dir: Path, home: Path, name: str | None = None,
     release_key: Path | None = None, threads: int = 1, max_rounds: int = 0, patience_s: float = 600.0,
     max_wait_s: float = 60.0, on_event: Emit | None = None, enrollment_token: str | None = None,
+    profile: str | None = None, profiles_file: str = "",
 ) -> int:
-    """Take part in rounds until the server says training is finished. -> updates sent."""
+    """Take part in rounds until the server says training is finished. -> updates sent.
+    `profile` (watch, phone, car, or one of `profiles_file`): train within its budget."""
     import torch
 
-    from pocketfed.device.trainer import run_task
+    from pocketfed.device.profiles import get_profile
 
     emit = on_event or (lambda kind, info: None)
     # ---- set-up -------------------------------------------------------------------------------
+    fix_malloc_thresholds()
+    device_profile = get_profile(profile, profiles_file) if profile is not None else None
     if threads:
         torch.set_num_threads(threads)
     data_dir, home = data_dir.expanduser(), home.expanduser()
@@ -267,7 +329,7 @@ def run_device(
     emit("registered", {"device_id": device_id})
 
     # ---- loop ---------------------------------------------------------------------------------
-    sent, trainer = 0, None
+    sent, session = 0, None
     while max_rounds == 0 or sent < max_rounds:
         try:
             reply = call(client.checkin, probe_eligibility())
@@ -297,36 +359,47 @@ def run_device(
             time.sleep(1.0)
             continue
         emit("task", {"round": task.round_index, "round_id": task.round_id, "version": manifest.version})
-        trainer = _trainer(trainer, task, data_dir, device_id)
-        result = run_task(trainer.model, trainer.train,
-                          TrainTask(task.round_index, device_id, global_adapter,
-                                    TrainConfig(**task.train.model_dump()), task.seed))
-        if task.privacy is not None and task.privacy.secagg:  # clip -> noise share -> the four stages
-            vector, unclipped = dp.privatize_update(result.update, task.privacy.clip_norm, task.privacy.noise_std)
+        if session is None or session.key != session_key(task):
+            session = None  # the old model goes before the new one loads
+            gc.collect()
+            session = open_session(task, data_dir, device_id, device_profile)
+            emit("plan", plan_summary(session))
+        plan = session.plan
+        global_rank = rank_ops.rank_of(global_adapter)
+        start = global_adapter
+        if plan is not None and plan.rank < global_rank:  # HetLoRA: train the first r slots, upload all R
+            start = rank_ops.truncate(global_adapter, plan.rank)
+        privacy = privacy_plan(task)
+        train = TrainConfig(**task.train.model_dump())
+        result = device_task.run_task(session.model, session.train, TrainTask(
+            task.round_index, device_id, start, train, task.seed, privacy, upload_rank=global_rank))
+        upload = result.upload
+        assert upload is not None
+        stats = {k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}
+        extra = {"unclipped": float(upload.unclipped)} if privacy.private else {}
+        if upload.vector is not None:  # secure aggregation: the clipped (and noised) vector, masked next
             metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
-                "num_tokens": result.num_tokens, "unclipped": float(unclipped),
-                **{k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}}, {}))
+                "num_tokens": result.num_tokens, **extra, **stats}, {}))
             try:
-                secure_upload(client, call, home, server, task, vector, metrics, result.num_tokens, emit)
+                secure_upload(client, call, home, server, task, upload.vector, metrics, result.num_tokens, emit)
                 sent += 1
-                emit("uploaded", {"round": task.round_index, "secagg": True})
+                emit("uploaded", {"round": task.round_index, "secagg": True, "peak_rss_mb": round(peak_rss_mb(), 1)})
             except (RoundLost, secagg.SecAggError) as e:
                 emit("round_lost", {"round": task.round_index, "reason": str(e)})
             except http.ServerRefused as e:
                 emit("upload_refused", {"round": task.round_index, "code": e.code, "detail": e.detail})
             continue
-        update, extra = result.update, {}
-        if task.privacy is not None:  # central DP: clip on the device; the server adds the noise
-            vector, unclipped = dp.privatize_update(result.update, task.privacy.clip_norm, task.privacy.noise_std)
-            update, extra = dp.unflatten_update(vector, result.update), {"unclipped": float(unclipped)}
-        # encode -> ledger (recorded before anything is sent) -> upload
-        encoded = st_load(codec.encode(update, Codec(task.codec)))
-        payload = ledger.check_and_record(home, server, ledger.UPDATE, encoded, upload_schema(task))
+        # the encoded update -> ledger (recorded before anything is sent) -> upload
+        assert upload.payload is not None
+        if len(upload.payload) > task.max_upload_bytes:
+            raise UserError(
+                f"this device's update is {len(upload.payload)} bytes, over the server's limit of {task.max_upload_bytes} bytes "
+                f"for {task.model} at LoRA rank {global_rank} with codec {task.codec}: the server's operator must raise "
+                f"deploy.max_upload_mb to at least {len(upload.payload) / 2**20:.1f}, or choose a smaller lora.rank, fewer "
+                f"lora.target_modules or privacy.codec int8")
+        payload = ledger.check_and_record(home, server, ledger.UPDATE, st_load(upload.payload), upload_schema(task))
         metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
-            "num_tokens": result.num_tokens, **extra,
-            **{k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}}, {}))
-        if len(payload) > task.max_upload_bytes:
-            raise RuntimeError(f"update of {len(payload)} bytes is over the server's limit {task.max_upload_bytes}")
+            "num_tokens": result.num_tokens, **extra, **stats}, {}))
         try:
             for attempt in range(2):
                 try:
@@ -337,11 +410,24 @@ def run_device(
                     if e.code != "hash_mismatch" or attempt:
                         raise
             sent += 1
-            emit("uploaded", {"round": task.round_index, "bytes": len(payload), "round_closed": out.round_closed})
+            emit("uploaded", {"round": task.round_index, "bytes": len(payload), "round_closed": out.round_closed,
+                              "peak_rss_mb": round(peak_rss_mb(), 1)})
         except http.ServerRefused as e:
             if e.code == "duplicate_upload":  # committed before a crash or a lost reply
                 sent += 1
                 emit("uploaded", {"round": task.round_index, "bytes": len(payload), "duplicate": True})
             else:
                 emit("upload_refused", {"round": task.round_index, "code": e.code, "detail": e.detail})
+    emit("finished", {"sent": sent, "peak_rss_mb": round(peak_rss_mb(), 1)})
     return sent
+
+
+def plan_summary(session: Session) -> dict[str, Any]:
+    """The session's plan, as the "plan" event shows it."""
+    p = session.plan
+    if p is None:
+        return {"backend": session.model.backend.value, "profile": "none (fp32, no budget)"}
+    return {"backend": p.backend.value, "profile": p.profile, "precision": p.precision.value, "rank": p.rank,
+            "micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "seq_len": p.seq_len,
+            "checkpointing": p.checkpointing, "loss_chunk": p.loss_chunk, "predicted_mb": p.predicted_peak_mb,
+            "budget_mb": p.budget_mb, "runtime_mb": p.memory_mb["runtime"]}

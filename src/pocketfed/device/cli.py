@@ -54,7 +54,8 @@ def plan_command(
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
-    console.print("The peak is the training working set; the Python runtime (~390 MB RSS here) comes on top.")
+    console.print(f"The peak is the whole device process's, on a runtime of {plan.memory_mb['runtime']:.0f} MB (a stand-in "
+                  "here; `pocketfed device --profile` plans on the runtime it measures).")
 
 
 def register(app: typer.Typer) -> None:

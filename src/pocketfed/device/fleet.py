@@ -9,7 +9,8 @@ What the simulator models of a plan: the rank (the global adapter truncated to i
 the one shared rank-R model, where zero slots stay exactly zero; see pocketfed.model.rank), the
 energy and time of the steps at the plan's micro-batch, sequence and checkpointing, and the caps.
 What it does not: the reduced-precision base and micro-batching, which change memory, not the
-maths (up to rounding); `pocketfed.device.fit` runs those for real and measures them.
+maths (up to rounding); the device task runs those for real (`pocketfed device --profile`), and
+`pocketfed.device.fit` measures them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pocketfed.device import eligibility
 from pocketfed.device.energy import RoundCost, affordable_steps, round_cost
 from pocketfed.device.planner import ModelShape, Plan, make_plan
 from pocketfed.device.profiles import DeviceProfile, assign_profile, load_profiles
-from pocketfed.device.trainer import num_steps
+from pocketfed.device.task import num_steps
 from pocketfed.errors import UserError
 from pocketfed.model import rank as rank_ops
 from pocketfed.protocol.messages import TrainResult, TrainTask

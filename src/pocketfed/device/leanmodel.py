@@ -16,8 +16,9 @@ with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
           (grouped-query: H / H_kv query heads share one key/value head)
     mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)   (in float32)
     LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
-The loss (mean next-token cross-entropy over unmasked labels) runs over chunks of LOSS_CHUNK
-positions, so the [B T, V] float32 logits never exist at once; with checkpointing each chunk's logits
+The loss (mean next-token cross-entropy over unmasked labels) runs over chunks of `loss_chunk` positions
+(LOSS_CHUNK unless the memory plan asks for fewer), so the [B T, V] float32 logits never exist at
+once; with checkpointing each chunk's logits
 are recomputed in backward, as each layer's activations are. Supported configs: Llama with SiLU, no
 biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
 """
@@ -158,7 +159,7 @@ class LeanLlama(nn.Module):
 
     def __init__(self, c: LeanConfig):
         super().__init__()
-        self.config, self.checkpointing = c, False
+        self.config, self.checkpointing, self.loss_chunk = c, False, LOSS_CHUNK
         self.model, self.lm_head = Decoder(c), nn.Linear(c.hidden, c.vocab, bias=False)
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,8 +192,8 @@ class LeanLlama(nn.Module):
         h = self.hidden(ids, None if right_padded else mask)[:, :-1].reshape(-1, self.config.hidden)  # [N, h], N = B (T-1)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1)  # [N]
         total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], LOSS_CHUNK):
-            args = (h[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK])
+        for s in range(0, h.shape[0], self.loss_chunk):
+            args = (h[s : s + self.loss_chunk], labels[s : s + self.loss_chunk])
             total = total + (checkpoint(self._chunk_loss, *args)
                              if self.checkpointing and self.training else self._chunk_loss(*args))
         return total / (labels != -100).sum()
@@ -204,9 +205,10 @@ class LeanLlama(nn.Module):
 class LoraLinear(nn.Module):
     """PEFT's LoRA Linear, one adapter: base_layer frozen, lora_A and lora_B trained in float32."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base_layer, self.scaling = base, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)  # type: ignore[arg-type]
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)  # type: ignore[arg-type]
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -214,7 +216,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return (y + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling).to(y.dtype)
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return (y + self.lora_B(self.lora_A(x)) * self.scaling).to(y.dtype)
 
 
 def load(folder: Path, precision: Precision) -> LeanLlama:
@@ -233,14 +236,15 @@ def load(folder: Path, precision: Precision) -> LeanLlama:
     return model.eval().requires_grad_(False)
 
 
-def attach_lora(model: LeanLlama, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
+def attach_lora(model: LeanLlama, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int,
+                dropout: float = 0.0) -> None:
     """Wrap every target linear with LoRA, A drawn under `seed` exactly as `pocketfed.model.lora.attach` draws it."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if name in targets:
-                    setattr(module, name, LoraLinear(child, rank, alpha))
+                    setattr(module, name, LoraLinear(child, rank, alpha, dropout))
 
 
 def adapter_state(model: LeanLlama) -> dict[str, torch.Tensor]:
@@ -287,3 +291,32 @@ class AdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None
+
+
+class Tokenizer:
+    """A model folder's `tokenizer.json` through the `tokenizers` library alone: the same encoder that
+    transformers' fast tokenizer wraps (a test pins equal ids), without importing transformers.
+    Offers what `pocketfed.data.federated.FederatedDataset` calls: `tok(text or texts)["input_ids"]`,
+    `eos_token`, `eos_token_id`, `pad_token_id` (the EOS token where the folder names no pad, as
+    `pocketfed.model.zoo.load_base` sets it)."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as Encoder
+
+        if not (folder / "tokenizer.json").is_file():
+            raise UserError(f"model folder {str(folder)!r} has no tokenizer.json (a fast tokenizer is needed)")
+        self._enc = Encoder.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        text = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731  (AddedToken as a dict)
+        self.eos_token: str = text(cfg.get("eos_token")) or ""
+        self.eos_token_id = self._enc.token_to_id(self.eos_token) if self.eos_token else None
+        if self.eos_token_id is None:
+            raise UserError(f"{cfg_path}: names no eos_token known to {folder / 'tokenizer.json'}")
+        pad = text(cfg.get("pad_token"))
+        self.pad_token_id = self._enc.token_to_id(pad) if pad else self.eos_token_id
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": self._enc.encode(text, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in self._enc.encode_batch(text, add_special_tokens=add_special_tokens)]}

@@ -18,6 +18,7 @@ model that way (the reference path; transformers is imported only there).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import struct
@@ -79,6 +80,44 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantLinear.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+def fix_malloc_thresholds() -> None:
+    """Make glibc serve every allocation over 128 KB by mmap and give freed memory back at once.
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
+    which activations and logits come from the heap, whose freed holes stay resident: ~45 MB more
+    peak RSS in a watch round of SmolLM2 (measured). Call it once, early, in a training process.
+    No-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 128 << 10)
+    libc.mallopt(m_trim_threshold, 128 << 10)
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim): after a burst of small
+    allocations (a tokenizer's vocabulary: ~30 MB for SmolLM2's) is freed, they would stay resident
+    and count in every later figure of the process. No-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_library(package: str) -> float:
+    """Give back the resident pages of `package`'s shared libraries once it is no longer used (they
+    are read again from disk if it is); MB released. See `pocketfed.memory.release_mapped_file`."""
+    import importlib.util
+
+    from pocketfed.memory import release_mapped_file
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        return 0.0
+    return sum(release_mapped_file(p) for p in Path(spec.origin).parent.rglob("*.so*"))
 
 
 def read_header(path: Path) -> tuple[dict, int]:

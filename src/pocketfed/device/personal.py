@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pocketfed.config import TrainConfig
 from pocketfed.data.federated import Blocks
 from pocketfed.device import ledger
-from pocketfed.device.trainer import train_steps
+from pocketfed.device.task import train, wrap_peft
 from pocketfed.model import lora
 
 PERSONAL_DIR = "personal_adapter"
@@ -31,10 +31,11 @@ PERSONAL = "personal_adapter"  # the ledger kind that never leaves
 def train_personal(model: PeftModel, global_state: lora.AdapterState, data: Blocks, cfg: TrainConfig,
                    seed: int, steps: int) -> lora.AdapterState:
     """`steps` local steps from the global adapter on this device's data -> the personal adapter."""
-    lora.set_state(model, global_state)
+    device_model = wrap_peft(model)
+    device_model.set_state(global_state)
     if steps:
-        train_steps(model, global_state, data, cfg, seed, steps=steps)
-    return lora.get_state(model)
+        train(device_model, data, cfg, seed, steps=steps)
+    return device_model.get_state()
 
 
 def save_personal(model: PeftModel, state: lora.AdapterState, home: str | Path) -> Path:

@@ -4,11 +4,14 @@ A plan fixes the LoRA rank and target modules, the micro-batch and gradient accu
 (micro_batch * grad_accum = the configured batch), the sequence length, activation checkpointing
 and the precision of the frozen base (fp32, bf16, or int8 dequantized on the fly; see
 `pocketfed.device.lowmem`). Its predicted peak is the peak RSS of the whole training process as
-`pocketfed.device.fit` runs it on the lean path (`pocketfed.device.leanmodel`); the profile's
-budget means the same:
+the device task (`pocketfed.device.task`) runs it; the profile's budget means the same.
+
+Backend: the lean Llama (`pocketfed.device.leanmodel`, torch only) wherever it covers the model's
+config (Llama decoders: SmolLM2, `tiny`), on every profile; transformers + PEFT otherwise, with
+their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
 
     runtime      CPython + torch + pocketfed's device modules, resident before any weight. The
-                 training process measures it and plans on top of it (`pocketfed.device.fit`): it
+                 training process measures it and plans on top of it (`pocketfed.device.agent`): it
                  depends on the page cache, not only on the code: `import torch` measured 223 MB
                  VmHWM with torch's libraries cold, 278 MB right after install, when the kernel
                  maps in the cached pages around each one touched (libtorch_cpu.so: 50 vs 93 MB).
@@ -20,7 +23,8 @@ budget means the same:
                      L x b T [e (3 h + 2 q + 2 kv + 3 i) + 4 h n_t [e = 2]]
                  (SDPA's fused kernel keeps no T x T matrix); with checkpointing, each layer keeps
                  its input and one layer is live at a time:  L x b T h e  +  one layer as above
-    logits       the loss runs over chunks of C = leanmodel.LOSS_CHUNK positions: one live chunk
+    logits       the loss runs over chunks of C positions (the plan's loss_chunk, leanmodel.LOSS_CHUNK
+                 unless memory is short): one live chunk
                  C V (e + 24) (logits, their float copy, log-softmax, gradients), plus, without
                  checkpointing, the float32 log-probabilities of every position: b T V 4
     margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data)
@@ -33,19 +37,21 @@ checkpointing, micro-batches 1-4, sequences 32-128.
 
 Search (the first plan that fits wins; each move costs a little more time or quality than the
 last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on -> bf16 base ->
-int8 base -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank)
+int8 base -> loss chunks of 16, then 8 positions (more, smaller passes over the head: a little
+time, no quality) -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank)
 before any of this. Nothing fits -> UserError naming the profile, the budget and the smallest plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pocketfed.config import LoraConfig, TrainConfig
-from pocketfed.device.leanmodel import LOSS_CHUNK
+from pocketfed.device.leanmodel import LOSS_CHUNK, LeanConfig
 from pocketfed.device.lowmem import INT8_MODULES, Precision
 from pocketfed.device.profiles import DeviceProfile
 from pocketfed.device.shape import ModelShape
@@ -53,8 +59,27 @@ from pocketfed.errors import UserError
 
 MB = 1 << 20
 MIN_SEQ = 32
+SMALL_LOSS_CHUNKS = (16, 8)
 MARGIN, MARGIN_MB = 1.10, 32.0
 RUNTIME_MB = 225.0
+PEFT_IMPORTS_MB = 155.0  # transformers' Llama modeling + PEFT on top of torch (VmHWM; see leanmodel's docstring)
+
+
+class Backend(str, enum.Enum):
+    """The model a device trains: `lean` (pocketfed.device.leanmodel, torch only) wherever it covers
+    the model, else `peft` (transformers + PEFT, the simulator's). Both give PEFT's adapter keys."""
+
+    lean = "lean"
+    peft = "peft"
+
+
+def backend_for(folder: Path) -> Backend:
+    """`lean` if the lean Llama supports `folder`'s config.json, else `peft`."""
+    try:
+        LeanConfig.from_folder(folder)
+    except UserError:
+        return Backend.peft
+    return Backend.lean
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,8 @@ class Plan:
     checkpointing: bool
     memory_mb: dict[str, float]  # weights, adapter, activations, logits, runtime, predicted_peak (whole process)
     budget_mb: float
+    backend: Backend = Backend.lean
+    loss_chunk: int = LOSS_CHUNK  # positions per chunk of the lean model's loss
 
     @property
     def predicted_peak_mb(self) -> float:
@@ -81,12 +108,14 @@ class Plan:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["precision"] = self.precision.value
+        d["backend"] = self.backend.value
         d["target_modules"] = list(self.target_modules)
         return d
 
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
-               micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB) -> dict[str, float]:
+               micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB,
+               loss_chunk: int = LOSS_CHUNK) -> dict[str, float]:
     """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
     e = 4 if precision is Precision.fp32 else 2
     if precision is Precision.fp32:
@@ -102,34 +131,40 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     n_t = len([x for x in targets if x in shape.module_dims()])
     layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
     activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
-    logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
+    logits = loss_chunk * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
     parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + MARGIN_MB
     parts["runtime"] = runtime_mb
     return {k: round(v, 1) for k, v in parts.items()}
 
 
-def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision, int]]:
-    """(micro_batch, checkpointing, precision, seq_len) in the order the planner tries them."""
-    out: list[tuple[int, bool, Precision, int]] = []
+def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision, int, int]]:
+    """(micro_batch, checkpointing, precision, seq_len, loss_chunk) in the order the planner tries them."""
+    out: list[tuple[int, bool, Precision, int, int]] = []
     micro = [batch_size]
     while micro[-1] > 1:
         micro.append(max(1, micro[-1] // 2))
     for m in micro:
-        out.append((m, False, Precision.fp32, seq_len))
+        out.append((m, False, Precision.fp32, seq_len, LOSS_CHUNK))
     for prec in Precision:
-        out.append((1, True, prec, seq_len))
+        out.append((1, True, prec, seq_len, LOSS_CHUNK))
+    for chunk in SMALL_LOSS_CHUNKS:
+        out.append((1, True, Precision.int8, seq_len, chunk))
     t = seq_len
     while t // 2 >= MIN_SEQ:
         t //= 2
-        out.append((1, True, Precision.int8, t))
+        out.append((1, True, Precision.int8, t, SMALL_LOSS_CHUNKS[-1]))
     return out
 
 
 def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train: TrainConfig,
-              seq_len: int, model_name: str = "the model", runtime_mb: float = RUNTIME_MB) -> Plan:
+              seq_len: int, model_name: str = "the model", runtime_mb: float = RUNTIME_MB,
+              backend: Backend = Backend.lean) -> Plan:
     """The first plan of `candidates` whose predicted peak fits `profile.train_memory_mb`, on top of
-    `runtime_mb` (the training process's own RSS before any weight, when it can measure it)."""
+    `runtime_mb` (the training process's own RSS before any weight, when it can measure it, without
+    transformers and PEFT: the `peft` backend adds their PEFT_IMPORTS_MB)."""
+    if backend is Backend.peft:
+        runtime_mb += PEFT_IMPORTS_MB
     rank = max(1, min(lora.rank, profile.max_rank))
     targets = tuple(lora.target_modules)
     unknown = [x for x in targets if x not in shape.module_dims()]
@@ -137,10 +172,12 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
         raise UserError(f"lora.target_modules {unknown} are not linears of {model_name}; "
                         f"valid: {', '.join(shape.module_dims())}")
     last: Plan | None = None
-    for micro, ckpt, prec, t in candidates(train.batch_size, seq_len):
-        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb)
+    for micro, ckpt, prec, t, chunk in candidates(train.batch_size, seq_len):
+        if backend is Backend.peft and chunk != LOSS_CHUNK:  # transformers' loss is not chunked
+            continue
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk)
         last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
-                    mem, profile.train_memory_mb)
+                    mem, profile.train_memory_mb, backend, chunk)
         if train.batch_size % micro:  # accumulation must cover the batch exactly
             continue
         if mem["predicted_peak"] <= profile.train_memory_mb:

@@ -10,8 +10,9 @@ are `watch`, `phone` and `car`; more come from a YAML file (`device.profiles_fil
       battery_mah: 150
       ...every field of DeviceProfile...
 
-`train_memory_mb` is the peak RSS of the whole training process (VmHWM, as `pocketfed.device.fit`
-measures it): the interpreter and torch (~225 MB resident once imported), the frozen base, the
+`train_memory_mb` is the peak RSS of the whole device process (VmHWM, as `pocketfed device --profile`
+and `pocketfed.device.fit` measure it): the interpreter, torch and the device's own code (~225-260 MB
+resident once imported), the frozen base, the
 adapter and its optimizer state, activations, logits and the allocator's slack. It is what the OS
 counts against a background job, so the runtime is inside the budget, not on top of it; this is why
 the device trains with `pocketfed.device.leanmodel` (torch only) rather than transformers + PEFT,

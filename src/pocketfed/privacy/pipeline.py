@@ -22,6 +22,7 @@ round by the round engine (`plan_for`) and travels in the task, typed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ import torch
 from pocketfed import codec
 from pocketfed.config import Codec, DPMode, PrivacyConfig
 from pocketfed.privacy import dp
-from pocketfed.privacy.budget import PrivacyRun
+
+if TYPE_CHECKING:  # the accountant pulls in dp-accounting and scipy (~70 MB): no device process loads it
+    from pocketfed.privacy.budget import PrivacyRun
 
 AdapterState = dict[str, torch.Tensor]
 

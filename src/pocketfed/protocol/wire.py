@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pocketfed.config import Codec, DPMode
+from pocketfed.privacy.pipeline import PrivacyPlan
+
 WIRE_VERSION = 1
 PREFIX = "/v1"
 CHUNK_MAX_BYTES = 4 * 2**20  # one upload request's body
@@ -94,12 +97,26 @@ class SignedManifest(Strict):
 
 
 class PrivacySpec(Strict):
-    """The device's steps 1-2 (`dp.privatize_update`): clip to `clip_norm`, add N(0, noise_std^2)."""
+    """The round's `pocketfed.privacy.pipeline.PrivacyPlan`, field for field (the codec rides in
+    `TaskSpec.codec`): the device builds the same plan and runs `device_privatize(update, plan)`."""
 
     dp: Literal["none", "central", "distributed"]
-    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
-    noise_std: float = Field(ge=0.0, allow_inf_nan=False)  # > 0 only under distributed DP
+    clip_norm: float = Field(gt=0.0, allow_inf_nan=False)  # C, this round's (adaptive clipping moves it)
+    noise_multiplier: float = Field(ge=0.0, allow_inf_nan=False)  # z, this round's
+    expected_devices: int = Field(ge=1, le=10**9)  # n: under distributed DP the device's share is z C / sqrt(n)
     secagg: bool  # then the update goes through the four stages of /v1/rounds/{id}/secagg
+    frac_bits: int = Field(ge=0, le=52)  # secure aggregation's fixed point
+    secagg_degree: int = Field(ge=0, le=100_000)  # SecAgg+ neighbours (0 = all)
+
+    @staticmethod
+    def from_plan(plan: PrivacyPlan) -> "PrivacySpec":
+        return PrivacySpec(dp=plan.dp.value, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                           expected_devices=plan.expected_devices, secagg=plan.secagg, frac_bits=plan.frac_bits,
+                           secagg_degree=plan.secagg_degree)
+
+    def to_plan(self, codec: str) -> PrivacyPlan:
+        return PrivacyPlan(DPMode(self.dp), self.clip_norm, self.noise_multiplier, self.expected_devices, self.secagg,
+                           Codec(codec), self.frac_bits, self.secagg_degree)
 
 
 class TaskSpec(Strict):

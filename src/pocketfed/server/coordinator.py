@@ -15,7 +15,7 @@ from pocketfed.server.registry import ENROLL_TTL_S, enroll, register
 from pocketfed.server.service import (
     DUPLICATE, ENROLLMENT_REFUSED, HASH_MISMATCH, INVALID_SECAGG, INVALID_UPDATE, KEY_TAKEN, NAME_TAKEN, NOT_ASSIGNED,
     NOT_ENROLLED, NOT_IN_COHORT, OFFSET_MISMATCH, ROUND_CLOSED, TOO_LARGE, TRUNCATED, UNKNOWN_ROUND, WRONG_STAGE,
-    Assignment, Coordinator, Eligibility, Refused, Wait, manifest_for, open_coordinator, task_privacy,
+    Assignment, Coordinator, Eligibility, Refused, Wait, manifest_for, open_coordinator,
 )
 from pocketfed.server.status import status
 
@@ -25,5 +25,5 @@ __all__ = [
     "ENROLLMENT_REFUSED", "HASH_MISMATCH", "INVALID_SECAGG", "INVALID_UPDATE", "KEY_TAKEN", "NAME_TAKEN",
     "NOT_ASSIGNED", "NOT_ENROLLED", "NOT_IN_COHORT", "OFFSET_MISMATCH", "ROUND_CLOSED", "TOO_LARGE", "TRUNCATED",
     "UNKNOWN_ROUND", "WRONG_STAGE", "Assignment", "Coordinator", "Eligibility", "Refused", "Wait", "manifest_for",
-    "open_coordinator", "status", "task_privacy",
+    "open_coordinator", "status",
 ]

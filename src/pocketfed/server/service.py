@@ -184,8 +184,3 @@ def manifest_for(c: Coordinator, v: Version, now: float) -> tuple[dict[str, Any]
 
 
 
-
-def task_privacy(c: Coordinator) -> dict[str, Any]:
-    """The open round's privacy plan as the task's wire fields (`protocol.wire.PrivacySpec`)."""
-    plan = c.plan
-    return {"dp": plan.dp.value, "clip_norm": plan.clip_norm, "noise_std": plan.device_noise_std, "secagg": plan.secagg}

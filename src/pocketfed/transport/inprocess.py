@@ -1,5 +1,6 @@
 """The in-process backend: every virtual device runs in this process, one after another, on
-one shared base model (one copy in memory whatever the number of devices).
+one shared base model (one copy in memory whatever the number of devices), through the device
+task every device runs (`pocketfed.device.task.run_task`).
 
 The seam every backend implements (the server loop talks to nothing else):
     run(tasks) -> results      (a TrainResult or a Dropout per task, in task order)
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from peft import PeftModel
+from torch import nn
 
 from pocketfed.data.federated import FederatedDataset
-from pocketfed.device.trainer import run_task
+from pocketfed.device.task import run_task, wrap_peft
 from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 
@@ -24,8 +25,8 @@ class Backend(Protocol):
 
 
 class InProcessBackend:
-    def __init__(self, model: PeftModel, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
-        self.model = model
+    def __init__(self, model: nn.Module, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
+        self.model = wrap_peft(model)  # the simulator's PEFT model, shared by every virtual device
         self.dataset = dataset
         self.on_done = on_done
 

@@ -1,7 +1,7 @@
 """The Ray backend: virtual devices run on a pool of Ray actors, locally or on a cluster.
 
 The seam is the in-process backend's (`run(tasks) -> results` in task order, `close()`); only
-where the device code runs changes. Each worker runs exactly `pocketfed.device.trainer.run_task`.
+where the device code runs changes. Each worker runs exactly `pocketfed.device.task.run_task`.
 
 Memory: the frozen base model is `ray.put` once, as a dict of numpy arrays. Ray reads numpy arrays
 out of its shared-memory object store without copying, so every worker wraps the same physical
@@ -131,10 +131,11 @@ class DeviceWorker:
     Plain class; `RayBackend` makes it remote with the declared resources."""
 
     def __init__(self, shared: SharedWeights, lora_cfg, lora_seed: int, cpus: int, memory_limit: int):
+        from pocketfed.device.task import wrap_peft
         from pocketfed.model import lora
 
         torch.set_num_threads(cpus)
-        self.model = lora.attach(build_base(shared), lora_cfg, seed=lora_seed)
+        self.model = wrap_peft(lora.attach(build_base(shared), lora_cfg, seed=lora_seed))
         self.memory_limit = memory_limit
         self.peak_private = private_bytes()
         if memory_limit:
@@ -154,7 +155,7 @@ class DeviceWorker:
             time.sleep(WATCHDOG_SECONDS)
 
     def run(self, task: TrainTask, global_adapter: dict[str, torch.Tensor], data: Blocks) -> TrainResult:
-        from pocketfed.device.trainer import run_task
+        from pocketfed.device.task import run_task
 
         return run_task(self.model, data, dataclasses.replace(task, global_adapter=global_adapter))
 

@@ -229,8 +229,9 @@ def test_central_dp_epsilon_per_round_restart_and_budget_stop(tmp_path):
             d = device(app, name)
             task = d.checkin(OK).task
             assert task is not None and task.privacy is not None and task.privacy.dp == "central"
-            assert task.privacy.clip_norm == CLIP and task.privacy.noise_std == 0.0
-            x, unclipped = dp.privatize_update(delta(1), task.privacy.clip_norm, task.privacy.noise_std)
+            plan = task.privacy.to_plan(task.codec)
+            assert plan.clip_norm == CLIP and plan.device_noise_std == 0.0
+            x, unclipped = dp.privatize_update(delta(1), plan.clip_norm, plan.device_noise_std)
             data = codec.encode(dp.unflatten_update(x, delta(1)), Codec.float32)
             d.upload(task.round_id, data, 4096)
             d.commit(task.round_id, data, 10, {"unclipped": float(unclipped)})
@@ -268,10 +269,10 @@ def test_secagg_with_distributed_dp_carries_each_devices_noise_share(tmp_path):
         p.advertise()
     for p in parties:
         p.share()
-    share_std = parties[0].task.privacy.noise_std
+    share_std = parties[0].task.privacy.to_plan(parties[0].task.codec).device_noise_std
     assert share_std == pytest.approx(dp.distributed_noise_std(z, CLIP, n), rel=1e-12)  # z C / sqrt(n)
     for i, p in enumerate(parties):  # each device: clip, then its own share of the noise, then mask
-        x, _ = dp.privatize_update(delta(i), p.task.privacy.clip_norm, p.task.privacy.noise_std)
+        x, _ = dp.privatize_update(delta(i), p.task.privacy.clip_norm, share_std)
         p.mask(x)
     for p in parties:
         p.unmask()

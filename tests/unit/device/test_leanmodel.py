@@ -9,9 +9,8 @@ import torch
 
 from pocketfed.config import LoraConfig
 from pocketfed.device import leanmodel
-from pocketfed.device.fit import batches as fit_batches
 from pocketfed.device.lowmem import Precision
-from pocketfed.device.trainer import batches, lm_loss
+from pocketfed.device.task import peft_loss
 from pocketfed.model import lora
 from pocketfed.model.zoo import resolve
 
@@ -96,7 +95,7 @@ def test_one_optimizer_step_gives_pefts_adapter():
     lean.checkpointing = True
     peft_model.train()
     lean.train()
-    for model, loss_fn, opt_cls in ((peft_model, lambda: lm_loss(peft_model, ids, mask), torch.optim.AdamW),
+    for model, loss_fn, opt_cls in ((peft_model, lambda: peft_loss(peft_model, ids, mask), torch.optim.AdamW),
                                     (lean, lambda: lean.loss(ids, mask), leanmodel.AdamW)):
         params = [p for p in model.parameters() if p.requires_grad]
         opt = opt_cls(params, lr=1e-2, weight_decay=0.01)
@@ -130,13 +129,6 @@ def test_checkpointing_changes_no_gradient():
         lean.loss(ids, mask).backward()
         grads.append({n: p.grad for n, p in lean.named_parameters() if p.requires_grad})
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
-
-
-def test_fit_batches_follow_the_trainers_order():
-    for n, b, steps in ((10, 4, 5), (7, 7, 3), (3, 4, 2)):
-        ref = list(batches(n, b, steps, torch.Generator().manual_seed(3)))
-        got = list(fit_batches(n, b, steps, torch.Generator().manual_seed(3)))
-        assert all(torch.equal(x, y) for x, y in zip(ref, got)) and len(ref) == len(got)
 
 
 def test_a_device_round_imports_neither_transformers_nor_peft(tmp_path):

@@ -216,7 +216,7 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
         task = wire.TaskSpec(
             round_id=out.round_id, round_index=out.idx, seed=out.seed, deadline=out.deadline,
             release=wire.SignedManifest(manifest=manifest, signature=signature),
-            privacy=wire.PrivacySpec(**co.task_privacy(c)) if private else None, **task_fixed,
+            privacy=wire.PrivacySpec.from_plan(c.plan) if private else None, **task_fixed,
         )
         return wire.CheckinResponse(task=task, retry_at=out.deadline, reason="task")
 
