@@ -77,3 +77,28 @@ def test_measured_round_of_tiny_stays_within_its_prediction(tmp_path):
     assert 0.75 * r["predicted_mb"] <= r["peak_rss_mb"] <= r["predicted_mb"], r
     assert abs(r["runtime_floor_mb"] - r["plan"]["memory_mb"]["runtime"]) <= 15, r
     assert r["energy"]["joules"] > 0 and 0 < r["energy"]["battery_pct"] < 1
+
+
+def test_smaller_loss_chunks_come_before_shorter_sequences():
+    """A watch device measuring 262 MB before any weight (the device process: torch, HTTP, crypto):
+    the int8 plan fits by chunking the loss over 16 positions, keeping the 64-token rows."""
+    tight = planner.make_plan(SMOLLM2, BUILTIN["watch"], LoraConfig(rank=8), TrainConfig(steps=2, batch_size=2), 64,
+                              runtime_mb=262.0)
+    assert (tight.precision, tight.seq_len, tight.loss_chunk) == (Precision.int8, 64, 16)
+    assert tight.predicted_peak_mb <= 512
+    roomy = planner.make_plan(SMOLLM2, BUILTIN["watch"], LoraConfig(rank=8), TrainConfig(steps=2, batch_size=2), 64)
+    assert roomy.loss_chunk == 32
+    assert tight.memory_mb["logits"] == pytest.approx(roomy.memory_mb["logits"] / 2, abs=0.1)
+
+
+def test_backend_is_lean_for_llama_and_peft_otherwise(tmp_path):
+    from pocketfed.model.zoo import resolve
+
+    assert planner.backend_for(resolve("tiny")[0]) is planner.Backend.lean
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "hidden_act": "gelu_new"}))
+    assert planner.backend_for(tmp_path) is planner.Backend.peft
+    lean = planner.make_plan(SMOLLM2, BUILTIN["phone"], LoraConfig(), TRAIN, 128, runtime_mb=250.0)
+    peft = planner.make_plan(SMOLLM2, BUILTIN["phone"], LoraConfig(), TRAIN, 128, runtime_mb=250.0,
+                             backend=planner.Backend.peft)
+    assert peft.backend is planner.Backend.peft and peft.memory_mb["runtime"] == 250.0 + planner.PEFT_IMPORTS_MB
+    assert lean.memory_mb["runtime"] == 250.0
