@@ -13,7 +13,7 @@ through a backend (in-process or Ray), collects their uploads (`collect_in_memor
 The coordinator (`pocketfed.server.lifecycle`) collects uploads from HTTP requests, decides on
 each tick and persists each transition in one store transaction. Both feed the same functions the
 same inputs in device-id order, so a deployment replayed through the simulator gives the same
-adapter (tests/unit/deploy/test_engine_equality.py).
+adapter (tests/integration/test_engine_equality.py).
 """
 
 from __future__ import annotations

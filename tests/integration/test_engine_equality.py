@@ -29,6 +29,8 @@ from pocketfed.transport.inprocess import InProcessBackend
 from tests.unit.deploy.http_fixtures import OK, Clock, app_for
 from tests.unit.deploy.test_http_secagg import Party
 
+pytestmark = pytest.mark.integration
+
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars shine on quiet hills "
          "and rivers run to the sea under old bridges where children sing of summer rain").split()
 ROUNDS = 2
