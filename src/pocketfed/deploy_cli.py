@@ -61,11 +61,17 @@ def server(
     t0 = time.perf_counter()
     coord = open_coordinator(db, cfg, _model_id(cfg.model.name, cfg.model.cache_dir), init_params)
     latest = coord.store.latest_version()
-    console.print(f"[bold]pocketfed server[/] {'https' if ssl else 'http'}://{host}:{port} state={db} "
-                  f"model={coord.model_id} version={latest.version if latest else 0} "
-                  f"rounds {latest.rounds_applied if latest else 0}/{cfg.sim.rounds} "
-                  f"(ready in {time.perf_counter() - t0:.1f} s)")
-    uvicorn.run(create_app(coord), host=host, port=port, log_level="warning", **ssl)
+    ready = (f"[bold]pocketfed server[/] {'https' if ssl else 'http'}://{host}:{port} state={db} "
+             f"model={coord.model_id} version={latest.version if latest else 0} "
+             f"rounds {latest.rounds_applied if latest else 0}/{cfg.sim.rounds}")
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)  # a port already in use exits here, with uvicorn's error, before "ready"
+            if self.started:  # bound and listening: a device that connects now is served
+                console.print(f"{ready} (ready in {time.perf_counter() - t0:.1f} s)")
+
+    Server(uvicorn.Config(create_app(coord), host=host, port=port, log_level="warning", **ssl)).run()
 
 
 def enroll(
@@ -104,6 +110,9 @@ def device(
     patience: float = typer.Option(600.0, help="Give up after the server is unreachable this many seconds."),
     enroll_token: Optional[str] = typer.Option(None, "--enroll-token", envvar="POCKETFED_ENROLL_TOKEN",
                                                help="One-time token from `pocketfed enroll` (first registration only)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Train within this device profile's memory "
+                                          "(watch, phone, car, or one from --profiles-file); default: no budget."),
+    profiles_file: str = typer.Option("", "--profiles-file", help="YAML file of user-defined device profiles."),
 ) -> None:
     """Take part in federated rounds: check in, train on --data locally, upload the update."""
     from pocketfed.device.agent import run_device
@@ -114,7 +123,7 @@ def device(
         console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
     sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event,
-                      enrollment_token=enroll_token)
+                      enrollment_token=enroll_token, profile=profile, profiles_file=profiles_file)
     console.print(f"sent {sent} update{'s' * (sent != 1)}; the egress ledger is {home}/ledger.jsonl")
 
 

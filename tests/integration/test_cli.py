@@ -1,17 +1,25 @@
 """The CLI: bad input gets one clear sentence and a non-zero exit, never a traceback."""
 
 import os
-import subprocess
+import resource
 import sys
 
 import pytest
+
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def pocketfed(*args, cwd=None):
+    """`pocketfed ARGS`, killed only if it stops using CPU (stuck), however slow a loaded machine makes it."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pocketfed", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return run_cli([sys.executable, "-m", "pocketfed", *args], cwd=cwd, env=env)
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.mark.parametrize(
@@ -40,18 +48,19 @@ def test_bad_input_is_one_sentence(tmp_path, args, words):
     assert not (tmp_path / "o" / "summary.json").exists()  # nothing half-written
 
 
-def test_simulate_tiny_end_to_end_under_a_minute(tmp_path):
+def test_simulate_tiny_end_to_end_under_a_minute_of_cpu(tmp_path):
+    """A minute of CPU time, not of wall time: the work the run does, whatever else shares the
+    machine (~23 CPU seconds on the 2-core dev box; wall time there is about the same when idle)."""
     import json
-    import time
 
-    start = time.perf_counter()
+    start = children_cpu_s()
     res = pocketfed("simulate", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "t"), "--set", "train.lr=3e-3",
                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    elapsed = time.perf_counter() - start
+    cpu_s = children_cpu_s() - start  # the child was waited for: its CPU time is in RUSAGE_CHILDREN
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert "federated" in res.stdout and summary["rounds"] == 2
-    assert elapsed < 60, f"the tiny end-to-end run took {elapsed:.0f}s"
+    assert cpu_s < 60, f"the tiny end-to-end run used {cpu_s:.0f} CPU seconds"
 
 
 def test_data_stats_shakespeare():

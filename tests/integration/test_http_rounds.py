@@ -3,6 +3,11 @@
 Two devices are SIGKILLed mid-round (and later rejoin), the coordinator is SIGKILLed mid-round
 and restarted on the same state, and training still finishes. The final global adapter equals a
 simulation that replays the recorded participants of each round (same seeds, same code path).
+
+Nothing here waits on the clock: each wait fails only when the flow stops moving (no new round,
+update row, ledger line or log byte for `STALL_S`), so a CI box under heavy load makes the test
+slower, not red. A round that misses its deadline commits with its quorum or aborts and reopens at
+the same index; the checks below hold either way (each index committed once, participants replayed).
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-pytestmark = pytest.mark.integration
+from tests.conftest import CAP_S, run_cli, sizes, wait_for
+
+# pytest's --timeout is a last resort far above any healthy run; the waits below fail on a stall first.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(4 * CAP_S)]
 
 DEVICES = 8
 ROUNDS = 4
@@ -54,22 +61,17 @@ def write_data(root: Path) -> None:
 
 
 def db_rows(db: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db / 'state.sqlite'}?mode=ro", uri=True, timeout=5)
+    """The rows, read-only; [] while the server has not made its state yet (or is busy writing)."""
+    try:
+        con = sqlite3.connect(f"file:{db / 'state.sqlite'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:
+        return []
     try:
         return con.execute(sql, args).fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
         con.close()
-
-
-def wait_for(what: str, cond, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rounds_over_tls_survive_kills(tmp_path):
@@ -96,30 +98,36 @@ def test_rounds_over_tls_survive_kills(tmp_path):
 
     def device_args(i: int) -> list[str]:
         return ["device", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}",
-                "--home", f"homes/dev{i}", "--threads", "1", "--patience", "120", "--enroll-token", tokens[i]]
+                "--home", f"homes/dev{i}", "--threads", "1", "--patience", "900", "--enroll-token", tokens[i]]
 
     def open_round() -> tuple[int, int, int] | None:
         rows = db_rows(db, "SELECT round_id, idx FROM rounds WHERE status = 'open'")
         if not rows:
             return None
-        n = db_rows(db, "SELECT COUNT(*) FROM updates WHERE round_id = ?", (rows[0][0],))[0][0]
-        return rows[0][0], rows[0][1], n
+        n = db_rows(db, "SELECT COUNT(*) FROM updates WHERE round_id = ?", (rows[0][0],))
+        return (rows[0][0], rows[0][1], n[0][0]) if n else None
 
     def committed() -> int:
-        return db_rows(db, "SELECT COUNT(*) FROM rounds WHERE status = 'committed'")[0][0] if (db / "state.sqlite").exists() else 0
+        rows = db_rows(db, "SELECT COUNT(*) FROM rounds WHERE status = 'committed'")
+        return rows[0][0] if rows else 0
+
+    def progress() -> tuple:
+        """How far the flow has got: rounds and their states, update rows, what the logs and ledgers hold."""
+        files = sorted(logs.glob("*.log")) + sorted((tmp_path / "homes").glob("dev*/ledger.jsonl"))
+        return (db_rows(db, "SELECT round_id, status FROM rounds"), db_rows(db, "SELECT COUNT(*) FROM updates"),
+                tuple(map(str, files)), sizes(files))
 
     server = start("server", server_args)
     devices: dict[int, subprocess.Popen] = {}
     try:
-        wait_for("the server's first round", lambda: (db / "state.sqlite").exists() and open_round() is not None, 90)
-        enrolled = subprocess.run(py + ["enroll", "--db", str(db), "--count", str(DEVICES)], cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=120)
+        wait_for("the server's first round", lambda: (db / "state.sqlite").exists() and open_round() is not None, progress)
+        enrolled = run_cli(py + ["enroll", "--db", str(db), "--count", str(DEVICES)], cwd=tmp_path, env=env)
         assert enrolled.returncode == 0, enrolled.stderr
         tokens += enrolled.stdout.split()
         devices = {i: start(f"dev{i}", device_args(i)) for i in range(DEVICES)}
 
         # Round 1 (training round index 1): kill two devices that have not uploaded yet.
-        wait_for("round index 1", lambda: (r := open_round()) is not None and r[1] == 1, 120)
+        wait_for("round index 1", lambda: (r := open_round()) is not None and r[1] == 1, progress)
         rid = open_round()[0]  # type: ignore[index]
         uploaded = {d for (d,) in db_rows(db, "SELECT device_id FROM updates WHERE round_id = ?", (rid,))}
         killed = [i for i in range(DEVICES) if f"dev{i}" not in uploaded][-2:]
@@ -130,7 +138,7 @@ def test_rounds_over_tls_survive_kills(tmp_path):
         # A later round: SIGKILL the coordinator once an update is in but the round is not committed.
         goal = CONFIG["deploy"]["goal"]
         wait_for("a later round with some updates in",
-                 lambda: (r := open_round()) is not None and r[1] >= 2 and 1 <= r[2] < goal, 150)
+                 lambda: (r := open_round()) is not None and r[1] >= 2 and 1 <= r[2] < goal, progress)
         server.send_signal(signal.SIGKILL)
         server.wait()
         assert 2 <= committed() < ROUNDS
@@ -138,8 +146,9 @@ def test_rounds_over_tls_survive_kills(tmp_path):
         for i in killed:  # the killed devices rejoin with their homes
             devices[i] = start(f"dev{i}", device_args(i))
 
+        wait_for("the devices to finish", lambda: all(p.poll() is not None for p in devices.values()), progress)
         for i, p in devices.items():
-            assert p.wait(timeout=150) == 0, (logs / f"dev{i}.log").read_text()[-2000:]
+            assert p.returncode == 0, (logs / f"dev{i}.log").read_text()[-2000:]
     finally:
         for p in [server, *devices.values()]:
             if p.poll() is None:

@@ -6,6 +6,12 @@ masked input (dropped after masking). The round commits and the new global adapt
 plain mean of the survivors' clipped updates within secagg's fixed-point bound. Round 1: three of
 five devices stop after masking, leaving 2 < t = 3 to unmask: the round fails, the model is
 unchanged, and a retry with fresh devices commits.
+
+The waits fail only when nothing moves (no device event, no round state change) for `STALL_S`,
+never on the clock alone. The protocol's own stage deadline (`STAGE_S`) is the one fixed time
+here: an honest device that misses it counts as dropped. It is long enough that a device's next
+message (one key agreement, a few ms of work) lands in time on a heavily loaded box, and short
+enough that the three stages which wait out a dropped device cost well under a minute each.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.conftest import CAP_S, wait_for
+
+# pytest's --timeout is a last resort far above any healthy run; the waits below fail on a stall first.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(4 * CAP_S)]
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars shine on quiet hills "
          "and rivers run to the sea under old bridges where children sing of summer rain").split()
-CLIP, STAGE_S = 0.05, 8.0  # stages wait out their deadline when a device drops
+CLIP, STAGE_S = 0.05, 20.0  # stages wait out their deadline when a device drops
 
 
 class Stop(Exception):
@@ -33,7 +42,8 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     from safetensors.torch import load as st_load
 
     from pocketfed.config import load_config
-    from pocketfed.device import ledger, trainer
+    from pocketfed.device import ledger
+    from pocketfed.device import task as device_task
     from pocketfed.device.agent import run_device
     from pocketfed.model import zoo
     from pocketfed.model.zoo import tiny_dir
@@ -41,7 +51,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     from pocketfed.server import coordinator as co
     from pocketfed.server.http.app import create_app
     from pocketfed.server.http.certs import make_dev_certs, server_files
-    from tests.integration.test_http_rounds import free_port, wait_for
+    from tests.integration.test_http_rounds import free_port
 
     tiny_dir()
     for i in range(12):
@@ -54,7 +64,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         "model": {"name": "tiny"}, "data": {"seq_len": 32, "min_train_tokens": 32, "test_fraction": 0.2},
         "train": {"steps": 2, "batch_size": 4, "lr": 5e-3}, "sim": {"rounds": 2, "seed": 0},
         "privacy": {"secagg": True, "clip_norm": CLIP},
-        "deploy": {"goal": 5, "overselect": 1.0, "quorum": 3, "deadline_s": 150.0, "retry_s": 0.3,
+        "deploy": {"goal": 5, "overselect": 1.0, "quorum": 3, "deadline_s": 3600.0, "retry_s": 0.3,
                    "secagg_stage_s": STAGE_S},
     })
 
@@ -73,7 +83,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     threading.Thread(target=server.run, daemon=True).start()
 
     updates: dict[tuple[str, int], object] = {}
-    real_run_task = trainer.run_task
+    real_run_task = device_task.run_task
 
     one_at_a_time = threading.Lock()  # real devices are processes; threads here must not load or train at once
 
@@ -88,7 +98,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
             return real_load_base(*args, **kwargs)
 
     real_load_base = zoo.load_base
-    monkeypatch.setattr(trainer, "run_task", recording_run_task)
+    monkeypatch.setattr(device_task, "run_task", recording_run_task)
     monkeypatch.setattr(zoo, "load_base", serial_load_base)
     outcome: dict[str, str] = {}
     events: list[tuple] = []
@@ -104,7 +114,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         def run():
             try:
                 run_device(f"https://127.0.0.1:{port}", tmp_path / "certs" / "ca.pem", tmp_path / "data" / f"dev{i}",
-                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=30, max_wait_s=0.5, on_event=hook,
+                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=300, max_wait_s=0.5, on_event=hook,
                            enrollment_token=tokens[i])
                 outcome[f"dev{i}"] = "done"
             except Stop as e:
@@ -117,12 +127,15 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
     def rounds():
         return c.store.rounds()
 
+    def progress():  # any device event or round state change is progress
+        return len(events), [(r.round_id, r.status) for r in rounds()]
+
     t0 = time.perf_counter()
     try:
-        wait_for("the server", lambda: c.store.open_round() is not None, 30)
+        wait_for("the server", lambda: c.store.open_round() is not None, progress)
         # ---- round 0: dev3 drops before masking, dev4 after -----------------------------------
         threads = [start(0, (1, "masked")), start(1), start(2), start(3, (0, "shares")), start(4, (0, "masked"))]
-        wait_for("round 0 to close", lambda: any(r.status != "open" for r in rounds()), 200)
+        wait_for("round 0 to close", lambda: any(r.status != "open" for r in rounds()), progress)
         round0_s = time.perf_counter() - t0
         r0 = rounds()[0]
         if r0.status != "committed":
@@ -140,16 +153,15 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         # ---- round 1, first try: 3 of 5 stop after masking; 2 < t = 3 unmask -> failed -------------
         threads += [start(5, (1, "masked")), start(6, (1, "masked"))]
         outcome_before = dict(outcome)
-        wait_for("round 1 to fail", lambda: len(rounds()) >= 2 and rounds()[1].status != "open", 90)
+        wait_for("round 1 to fail", lambda: len(rounds()) >= 2 and rounds()[1].status != "open", progress)
         r1 = rounds()[1]
         assert r1.status == "failed" and "threshold is 3" in r1.reason, r1
         assert c.store.latest_version().version == 1  # the model did not change
         # ---- round 1, retry: fresh devices join the two left; it commits ----------------------------
         threads += [start(i) for i in (7, 8, 9)]
-        wait_for("the retry to commit", lambda: c.store.latest_version().version == 2, 90)
+        wait_for("the retry to commit", lambda: c.store.latest_version().version == 2, progress)
         assert rounds()[2].status == "committed" and rounds()[2].idx == 1
-        for t in threads:
-            t.join(timeout=60)
+        wait_for("the device loops to end", lambda: not any(t.is_alive() for t in threads), progress)
     finally:
         server.should_exit = True
     total_s = time.perf_counter() - t0

