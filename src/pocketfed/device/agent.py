@@ -377,6 +377,8 @@ def run_device(
         assert upload is not None
         stats = {k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}
         extra = {"unclipped": float(upload.unclipped)} if privacy.private else {}
+        if not privacy.private and start is not global_adapter:  # the server renormalizes the padded slots
+            extra["lora_rank"] = float(rank_ops.rank_of(start))
         if upload.vector is not None:  # secure aggregation: the clipped (and noised) vector, masked next
             metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
                 "num_tokens": result.num_tokens, **extra, **stats}, {}))

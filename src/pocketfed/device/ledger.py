@@ -55,6 +55,7 @@ from pocketfed.egress import (  # noqa: F401 (re-exported: callers write ledger.
 ALLOWED_METRICS = frozenset({
     "num_tokens", "num_examples", "loss", "train_loss", "eval_loss", "perplexity", "steps",
     "wall_seconds", "energy_j", "peak_memory_mb", "unclipped",
+    "lora_rank",  # the rank a device trained below the global one (HetLoRA), sent only without DP or secagg
 })
 
 Schema = Mapping[str, tuple[tuple[int, ...], str]]

@@ -77,8 +77,16 @@ def collect(c: Coordinator, r: Round) -> tuple[list[engine.Contribution], object
     contributions = [engine.Contribution(
         u.device_id, None if plan.secagg else engine.decode_upload(c.store.get_blob(u.blob_sha), c.like, plan),
         u.num_tokens, u.size, u.metrics.get("unclipped", 0.0) >= 0.5, u.metrics.get("train_loss"),
+        _rank(u.metrics.get("lora_rank"), c.global_rank),
     ) for u in ups]
     return contributions, total
+
+
+def _rank(reported: float | None, global_rank: int) -> int:
+    """A device's reported HetLoRA rank, if it is one the adapter has (else the global rank: 0)."""
+    if reported is None or not float(reported).is_integer() or not 1 <= reported < global_rank:
+        return 0
+    return int(reported)
 
 
 def commit_round(c: Coordinator, r: Round, now: float, reason: str) -> Version:

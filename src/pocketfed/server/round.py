@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 
 from pocketfed import codec
 from pocketfed.config import Codec, RunConfig
+from pocketfed.model import rank as rank_ops
 from pocketfed.privacy import accountant, pipeline, secagg
 from pocketfed.privacy.budget import PrivacyRun
 from pocketfed.privacy.pipeline import PrivacyPlan
@@ -163,9 +164,11 @@ def aggregate(contributions: list[Contribution], plan: PrivacyPlan, like: Adapte
         return pipeline.finish(pipeline.server_sum(updates, plan), plan, n, like)  # type: ignore[arg-type]
     weights = [float(c.num_tokens) for c in contributions]
     mean = pipeline.plain_mean(updates, weights)  # type: ignore[arg-type]
-    rank = max((c.rank for c in contributions), default=0)
-    if rank and any(c.rank != rank for c in contributions):
-        mean = hetero.renormalize(mean, [(c.rank or rank, w) for c, w in zip(contributions, weights)], rank)
+    if any(c.rank for c in contributions):  # some device trained fewer slots than the global rank R
+        rank = rank_ops.rank_of(like)
+        ranks = [c.rank or rank for c in contributions]  # 0: the global rank
+        if any(r != rank for r in ranks):
+            mean = hetero.renormalize(mean, list(zip(ranks, weights)), rank)
     return mean
 
 

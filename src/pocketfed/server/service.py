@@ -72,6 +72,11 @@ class Coordinator:
         return sum(v.numel() for v in self.like.values())
 
     @property
+    def global_rank(self) -> int:
+        """The global adapter's LoRA rank (the rows of its A matrices)."""
+        return max((v.shape[0] for k, v in self.like.items() if "lora_A" in k), default=0)
+
+    @property
     def plan(self) -> PrivacyPlan:
         """The open round's privacy plan (C and z move only at commits); the goal is the expected cohort."""
         return engine.round_plan(self.cfg, self.privacy, self.cfg.deploy.goal)

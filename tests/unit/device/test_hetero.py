@@ -62,3 +62,10 @@ def test_equal_ranks_are_plain_fedavg():
     ups = [padded(4, 1.0, 1.0, 1, 4), padded(4, 3.0, 3.0, 3, 4)]
     mean = aggregate(ups, PrivacyPlan(), ups[0].update)
     torch.testing.assert_close(mean[A], torch.full((4, 1), 2.5))  # (1 + 9) / 4
+
+
+def test_rank_zero_means_the_global_rank():
+    """The coordinator knows only the ranks devices report below the global one (0 = global)."""
+    ups = [padded(2, 1.0, 10.0, 1, 8), padded(4, 2.0, 20.0, 2, 8), padded(8, 4.0, 40.0, 1, 8)]
+    ups[2] = Contribution("d8", ups[2].update, 1, 0, rank=0)
+    torch.testing.assert_close(aggregate(ups, PrivacyPlan(), ups[2].update), aggregate(UPDATES, PrivacyPlan(), UPDATES[2].update))
