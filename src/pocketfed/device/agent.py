@@ -35,7 +35,6 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
-import numpy as np  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 
 from pocketfed import codec  # noqa: E402
@@ -47,12 +46,12 @@ from pocketfed.device.lowmem import fix_malloc_thresholds, release_library, trim
 from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
 from pocketfed.device.profiles import DeviceProfile  # noqa: E402
 from pocketfed.device.shape import ModelShape  # noqa: E402
+from pocketfed.device.secure_upload import RoundLost, secure_upload  # noqa: E402
 from pocketfed.errors import UserError  # noqa: E402
 from pocketfed.files import write_atomic  # noqa: E402
 from pocketfed.model import rank as rank_ops  # noqa: E402
 from pocketfed.privacy import secagg  # noqa: E402
 from pocketfed.privacy.pipeline import PrivacyPlan  # noqa: E402
-from pocketfed.protocol import secagg_wire as sw  # noqa: E402
 from pocketfed.protocol import wire  # noqa: E402
 from pocketfed.protocol.messages import TrainTask  # noqa: E402
 from pocketfed.release import signing  # noqa: E402
@@ -134,71 +133,6 @@ def upload_schema(task: wire.TaskSpec) -> ledger.Schema:
         if task.codec == "int8":
             schema[t.name + codec.SCALE] = ((1,), "float32")
     return schema
-
-
-class RoundLost(Exception):
-    """This device dropped out of a secure-aggregation round (a stage passed it, or it failed)."""
-
-
-def _wait_stage(client: http.DeviceClient, round_id: int, stage: str, call: Callable[..., Any],
-                poll_s: float = 0.2) -> wire.SecAggState:
-    """Poll the round until it reaches `stage`; RoundLost if it moves past it or closes."""
-    order = ["advertise", "share", "masked", "unmask"]
-    while True:
-        view = call(client.secagg_state, round_id)
-        if view.stage == stage:
-            return view
-        if view.stage not in order or order.index(view.stage) > order.index(stage):
-            raise RoundLost(f"round {round_id} is {view.stage} ({view.reason or 'the stage passed'}) before this device's {stage}")
-        time.sleep(poll_s)
-
-
-def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Path, server: str, task: wire.TaskSpec,
-                  vector: np.ndarray, metrics: dict[str, float], num_tokens: int, emit: Emit) -> None:
-    """Steps 0-3 of Bonawitz et al. (CCS 2017) for one round, each message through the ledger first.
-
-    The same device functions `secagg.simulate_round` runs: `generate_keys` (step 0), `share_keys`
-    (step 1), `mask_input` (step 2), `unmask` (step 3). Raises RoundLost when the round leaves
-    this device behind.
-    """
-    rid = task.round_id
-    keys = secagg.generate_keys()  # step 0: AdvertiseKeys; the request is signed by the device identity
-    call(client.secagg_send, rid, "keys", ledger.check_and_record(home, server, ledger.SECAGG_KEYS, sw.keys_arrays(keys),
-                                                                 sw.keys_schema()))
-    emit("secagg", {"round": task.round_index, "step": "keys"})
-
-    view = _wait_stage(client, rid, "share", call)  # step 1: ShareKeys to N(u) + u
-    if view.index is None or view.params is None or view.neighbours is None:
-        raise RoundLost(f"round {rid} fixed its cohort without this device")
-    config = secagg.SecAggConfig(**view.params.model_dump())
-    if config.round_id != rid or config.dimension != vector.size:
-        raise RoundLost(f"round {rid}'s secure-aggregation parameters do not match this task")
-    state = secagg.begin(config, view.index, keys)
-    directory = secagg.KeyDirectory(rid, view.index, {v: (bytes.fromhex(k.enc_public), bytes.fromhex(k.mask_public))
-                                                      for v, k in view.neighbours.items()})
-    state, shares = secagg.share_keys(state, directory)
-    holders = set(directory.neighbours) | {view.index}
-    call(client.secagg_send, rid, "shares", ledger.check_and_record(home, server, ledger.SECAGG_SHARES,
-                                                                   sw.shares_arrays(shares), sw.shares_schema(holders)))
-    emit("secagg", {"round": task.round_index, "step": "shares"})
-
-    view = _wait_stage(client, rid, "masked", call)  # step 2: MaskedInput through the resumable upload
-    bundle = secagg.SharesForDevice(rid, view.index or 0, tuple(
-        secagg.EncryptedShare(s.sender, state.device_id, bytes.fromhex(s.nonce), bytes.fromhex(s.ciphertext))
-        for s in view.shares or ()))
-    state, masked = secagg.mask_input(state, bundle, vector)
-    payload = ledger.check_and_record(home, server, ledger.MASKED_UPDATE, sw.masked_arrays(masked), sw.masked_schema(config))
-    call(client.upload, rid, payload, task.chunk_bytes)
-    call(client.commit, rid, payload, num_tokens, metrics)
-    emit("secagg", {"round": task.round_index, "step": "masked", "bytes": len(payload)})
-
-    view = _wait_stage(client, rid, "unmask", call)  # step 3: shares of b_u (u in U3) and s_d (d in D)
-    request = secagg.UnmaskRequest(rid, frozenset(view.survivors or ()), frozenset(view.dropped or ()))
-    response = secagg.unmask(state, request)
-    schema = sw.unmask_schema(response.self_mask_shares, response.key_shares)
-    call(client.secagg_send, rid, "unmask", ledger.check_and_record(home, server, ledger.UNMASK_SHARES,
-                                                                   sw.unmask_arrays(response), schema))
-    emit("secagg", {"round": task.round_index, "step": "unmask"})
 
 
 def privacy_plan(task: wire.TaskSpec) -> PrivacyPlan:

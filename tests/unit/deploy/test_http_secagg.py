@@ -1,6 +1,6 @@
 """Secure aggregation and central DP through the coordinator's HTTP API, on a synthetic adapter.
 
-The devices here run the same step functions `pocketfed.device.agent.secure_upload` runs,
+The devices here run the same step functions `pocketfed.device.secure_upload.secure_upload` runs,
 through signed requests; every refusal is a 4xx with a JSON reason and leaves the state as it was.
 """
 
