@@ -54,7 +54,7 @@ client = ClientApp()
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    from pocketfed.device.trainer import run_task
+    from pocketfed.device.task import run_task, wrap_peft
     from pocketfed.model import lora
     from pocketfed.server.sampling import device_seed
     from pocketfed.protocol.messages import TrainTask
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(msg.content["config"]["server-round"]) - 1
     global_adapter = msg.content["arrays"].to_torch_state_dict()
     task = TrainTask(round_, device, global_adapter, w["cfg"].train, device_seed(w["cfg"].sim.seed, round_, device))
-    result = run_task(w["model"], w["dataset"].device(device).train, task)
+    result = run_task(wrap_peft(w["model"]), w["dataset"].device(device).train, task)
     trained = lora.add(global_adapter, result.update)  # Flower's FedAvg averages models, not updates
     metrics = MetricRecord({"num-examples": result.num_tokens, "train_loss": result.metrics["train_loss"]})
     return Message(RecordDict({"arrays": ArrayRecord(trained), "metrics": metrics}), reply_to=msg)
