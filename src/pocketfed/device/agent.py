@@ -194,6 +194,10 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
     if backend is Backend.lean:
         release_library("tokenizers")
+    # torch's code pages that importing and tokenizing faulted in, with the neighbours fault-around
+    # mapped from a page cache that other processes keep hot (a test runner that imported torch
+    # itself: +45 MB measured): released, so that what is measured is the code this process runs
+    release_library("torch")
     train = TrainConfig(**task.train.model_dump())
     plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend)
     if plan.seq_len != dcfg.seq_len:  # the planner shortened the rows: the same tokens, re-cut
