@@ -194,10 +194,13 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
     if backend is Backend.lean:
         release_library("tokenizers")
-    # torch's code pages that importing and tokenizing faulted in, with the neighbours fault-around
-    # mapped from a page cache that other processes keep hot (a test runner that imported torch
-    # itself: +45 MB measured): released, so that what is measured is the code this process runs
-    release_library("torch")
+        # torch's code pages that importing and tokenizing faulted in, with the neighbours fault-around
+        # mapped from a page cache other processes keep hot (a test runner that imported torch: +45 MB
+        # measured), are released; one warm-up step faults back what a round runs, page by page
+        release_library("torch")
+        device_task.warm_up(tuple(lcfg.target_modules))
+        gc.collect()
+        trim_heap()
     train = TrainConfig(**task.train.model_dump())
     plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend)
     if plan.seq_len != dcfg.seq_len:  # the planner shortened the rows: the same tokens, re-cut

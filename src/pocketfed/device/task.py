@@ -119,6 +119,33 @@ def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float
     return DeviceModel(lean, Backend.lean, params, lean.loss, plan.micro_batch)
 
 
+def warm_up(targets: tuple[str, ...]) -> None:
+    """One training step of the lean loop on a one-layer random model of a few kB, int8 with
+    checkpointing and fp32 without, so that the torch code a round runs is resident. A device process
+    that released torch's code pages (fault-around had mapped whatever the page cache held) calls this
+    before measuring the runtime its plan sits on: the measurement then holds the code training needs
+    and no more, whatever other processes keep cached."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": True,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu"}
+    with tempfile.TemporaryDirectory(prefix="pocketfed-warm-up-") as tmp:
+        folder = Path(tmp)
+        (folder / "config.json").write_text(json.dumps(config))
+        random_model = leanmodel.LeanLlama(leanmodel.LeanConfig.from_folder(folder))
+        save_file({k: v.detach().clone().contiguous() for k, v in random_model.state_dict().items()},
+                  folder / "model.safetensors")
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))  # [B=2, T=8]
+        for precision, checkpointing in ((Precision.int8, True), (Precision.fp32, False)):
+            plan = Plan("warm-up", precision, 2, targets, 1, 2, 8, checkpointing, {}, math.inf, Backend.lean, loss_chunk=4)
+            train(load_model(folder, plan, 4.0, seed=0), Blocks(ids, torch.ones_like(ids, dtype=torch.bool)),
+                  TrainConfig(steps=1, batch_size=2), seed=0)
+
+
 def reference_plan(lora: LoraConfig, train: TrainConfig, seq_len: int, backend: Backend = Backend.lean) -> Plan:
     """No budget: fp32 base, the configured rank, the whole batch at once, no checkpointing."""
     return Plan("none", Precision.fp32, lora.rank, tuple(lora.target_modules), train.batch_size, 1, seq_len,
