@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
+from typing import Callable
 
 
 def _status_mb(field: str) -> float | None:
@@ -76,11 +77,35 @@ def release_mapped_file(path: str | Path) -> float:
     no speed change. Written by hand because Python's mmap.madvise only reaches mappings Python
     made. Linux only; elsewhere it returns 0.
     """
-    import ctypes
-    import mmap
     import os
 
     target = str(Path(path).resolve())
+    released = _release_mappings(lambda mapped: mapped == target)
+    try:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    return released
+
+
+def release_shared_libraries() -> float:
+    """`release_mapped_file`'s madvise for every shared library this process maps (their code and
+    read-only data); MB released. What stays resident is what runs next, page by page (no
+    read-around), instead of what fault-around mapped from a page cache that other processes keep
+    hot: the same process measured 262 MB alone and 318 MB inside a test runner that had run torch."""
+    return _release_mappings(lambda mapped: ".so" in Path(mapped).name)
+
+
+def _release_mappings(wanted: Callable[[str], bool]) -> float:
+    """madvise(MADV_RANDOM) + madvise(MADV_DONTNEED) on each file mapping whose path is `wanted` and
+    that holds no written (Anonymous) page; MB released. Linux only; elsewhere 0."""
+    import ctypes
+    import mmap
+
     mappings: list[list[int]] = []  # [start, end, kB written: Anonymous, the private copies of written pages]
     try:
         with open("/proc/self/smaps") as f:
@@ -89,7 +114,7 @@ def release_mapped_file(path: str | Path) -> float:
                 head = line.split(maxsplit=5) or [""]
                 if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
                     current = None
-                    if len(head) == 6 and head[5].strip() == target:
+                    if len(head) == 6 and head[5].strip().startswith("/") and wanted(head[5].strip()):
                         current = [int(x, 16) for x in head[0].split("-")] + [0]
                         mappings.append(current)
                 elif current is not None and head[0] == "Anonymous:":
@@ -103,13 +128,5 @@ def release_mapped_file(path: str | Path) -> float:
     for start, end, written in mappings:
         for a in advice if not written else ():
             madvise(start, end - start, a)
-    try:
-        fd = os.open(target, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        pass
     return max(0.0, before - rss_mb())
 

@@ -24,7 +24,7 @@ continues the same bytes.
 
 from __future__ import annotations
 
-from pocketfed.memory import drop_cached_library_pages, peak_rss_mb, rss_mb
+from pocketfed.memory import drop_cached_library_pages, peak_rss_mb, release_shared_libraries, rss_mb
 
 drop_cached_library_pages("torch")  # before torch is imported: the process's RSS is the code it runs
 
@@ -42,7 +42,7 @@ from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig  # noqa:
 from pocketfed.data.federated import Blocks, to_blocks  # noqa: E402
 from pocketfed.device import http_client as http  # noqa: E402
 from pocketfed.device import ledger, task as device_task  # noqa: E402
-from pocketfed.device.lowmem import fix_malloc_thresholds, release_library, trim_heap  # noqa: E402
+from pocketfed.device.lowmem import fix_malloc_thresholds, trim_heap  # noqa: E402
 from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
 from pocketfed.device.profiles import DeviceProfile  # noqa: E402
 from pocketfed.device.shape import ModelShape  # noqa: E402
@@ -193,11 +193,10 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     gc.collect()
     trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
     if backend is Backend.lean:
-        release_library("tokenizers")
-        # torch's code pages that importing and tokenizing faulted in, with the neighbours fault-around
-        # mapped from a page cache other processes keep hot (a test runner that imported torch: +45 MB
-        # measured), are released; one warm-up step faults back what a round runs, page by page
-        release_library("torch")
+        # the libraries' code pages that importing and tokenizing faulted in, with the neighbours
+        # fault-around mapped from a page cache other processes keep hot (a test runner that ran torch:
+        # +56 MB measured), are released; one warm-up step faults back what a round runs, page by page
+        release_shared_libraries()
         device_task.warm_up(tuple(lcfg.target_modules))
         gc.collect()
         trim_heap()

@@ -120,8 +120,8 @@ def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float
 
 
 def warm_up(targets: tuple[str, ...]) -> None:
-    """One training step of the lean loop on a one-layer random model of a few kB, int8 with
-    checkpointing and fp32 without, so that the torch code a round runs is resident. A device process
+    """One training step of the lean loop on a one-layer random model of a few kB (int8 base,
+    checkpointing: the smallest plans'), so that the torch code a round runs is resident. A device process
     that released torch's code pages (fault-around had mapped whatever the page cache held) calls this
     before measuring the runtime its plan sits on: the measurement then holds the code training needs
     and no more, whatever other processes keep cached."""
@@ -136,14 +136,14 @@ def warm_up(targets: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory(prefix="pocketfed-warm-up-") as tmp:
         folder = Path(tmp)
         (folder / "config.json").write_text(json.dumps(config))
-        random_model = leanmodel.LeanLlama(leanmodel.LeanConfig.from_folder(folder))
-        save_file({k: v.detach().clone().contiguous() for k, v in random_model.state_dict().items()},
-                  folder / "model.safetensors")
+        with torch.device("meta"):  # shapes only: no initializer's code is faulted in for nothing
+            shapes = leanmodel.LeanLlama(leanmodel.LeanConfig.from_folder(folder)).state_dict()
+        g = torch.Generator().manual_seed(0)
+        save_file({k: torch.rand(tuple(v.shape), generator=g) * 0.1 for k, v in shapes.items()}, folder / "model.safetensors")
         ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))  # [B=2, T=8]
-        for precision, checkpointing in ((Precision.int8, True), (Precision.fp32, False)):
-            plan = Plan("warm-up", precision, 2, targets, 1, 2, 8, checkpointing, {}, math.inf, Backend.lean, loss_chunk=4)
-            train(load_model(folder, plan, 4.0, seed=0), Blocks(ids, torch.ones_like(ids, dtype=torch.bool)),
-                  TrainConfig(steps=1, batch_size=2), seed=0)
+        plan = Plan("warm-up", Precision.int8, 2, targets, 1, 2, 8, True, {}, math.inf, Backend.lean, loss_chunk=4)
+        train(load_model(folder, plan, 4.0, seed=0), Blocks(ids, torch.ones_like(ids, dtype=torch.bool)),
+              TrainConfig(steps=1, batch_size=2), seed=0)
 
 
 def reference_plan(lora: LoraConfig, train: TrainConfig, seq_len: int, backend: Backend = Backend.lean) -> Plan:
