@@ -201,7 +201,8 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
         gc.collect()
         trim_heap()
     train = TrainConfig(**task.train.model_dump())
-    plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend)
+    plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend,
+                     warmed=backend is Backend.lean)
     if plan.seq_len != dcfg.seq_len:  # the planner shortened the rows: the same tokens, re-cut
         rows = to_blocks(rows.input_ids[rows.mask].tolist(), plan.seq_len, pad)
     alpha = rank_ops.alpha_for_rank(lcfg.alpha, plan.rank, lcfg.rank)  # keeps the global scaling alpha / R

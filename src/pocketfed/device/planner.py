@@ -27,7 +27,9 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  unless memory is short): one live chunk
                  C V (e + 24) (logits, their float copy, log-softmax, gradients), plus, without
                  checkpointing, the float32 log-probabilities of every position: b T V 4
-    margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data)
+    margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data); 8 MB for a
+                 process whose runtime was measured after a warm-up step (`task.warm_up`): the
+                 kernels are in the runtime already
 with P weights, L layers, h hidden, i intermediate, q = H d (query width), kv = H_kv d, V vocab,
 b micro-batch, T sequence, e the compute dtype's bytes (4 or 2), n_t LoRA targets per layer
 (their float32 input copies when the base computes in bf16). The coefficients were fitted to
@@ -60,7 +62,7 @@ from pocketfed.errors import UserError
 MB = 1 << 20
 MIN_SEQ = 32
 SMALL_LOSS_CHUNKS = (16, 8)
-MARGIN, MARGIN_MB = 1.10, 32.0
+MARGIN, MARGIN_MB, WARM_MARGIN_MB = 1.10, 32.0, 8.0
 RUNTIME_MB = 225.0
 PEFT_IMPORTS_MB = 155.0  # transformers' Llama modeling + PEFT on top of torch (VmHWM; see leanmodel's docstring)
 
@@ -115,7 +117,7 @@ class Plan:
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
                micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB,
-               loss_chunk: int = LOSS_CHUNK) -> dict[str, float]:
+               loss_chunk: int = LOSS_CHUNK, warmed: bool = False) -> dict[str, float]:
     """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
     e = 4 if precision is Precision.fp32 else 2
     if precision is Precision.fp32:
@@ -133,7 +135,7 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
     logits = loss_chunk * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
-    parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + MARGIN_MB
+    parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + (WARM_MARGIN_MB if warmed else MARGIN_MB)
     parts["runtime"] = runtime_mb
     return {k: round(v, 1) for k, v in parts.items()}
 
@@ -159,7 +161,7 @@ def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision
 
 def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train: TrainConfig,
               seq_len: int, model_name: str = "the model", runtime_mb: float = RUNTIME_MB,
-              backend: Backend = Backend.lean) -> Plan:
+              backend: Backend = Backend.lean, warmed: bool = False) -> Plan:
     """The first plan of `candidates` whose predicted peak fits `profile.train_memory_mb`, on top of
     `runtime_mb` (the training process's own RSS before any weight, when it can measure it, without
     transformers and PEFT: the `peft` backend adds their PEFT_IMPORTS_MB)."""
@@ -175,7 +177,7 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
     for micro, ckpt, prec, t, chunk in candidates(train.batch_size, seq_len):
         if backend is Backend.peft and chunk != LOSS_CHUNK:  # transformers' loss is not chunked
             continue
-        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk)
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk, warmed)
         last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
                     mem, profile.train_memory_mb, backend, chunk)
         if train.batch_size % micro:  # accumulation must cover the batch exactly
