@@ -107,19 +107,6 @@ def trim_heap() -> None:
         pass
 
 
-def release_library(package: str) -> float:
-    """Give back the resident pages of `package`'s shared libraries once it is no longer used (they
-    are read again from disk if it is); MB released. See `pocketfed.memory.release_mapped_file`."""
-    import importlib.util
-
-    from pocketfed.memory import release_mapped_file
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.origin:
-        return 0.0
-    return sum(release_mapped_file(p) for p in Path(spec.origin).parent.rglob("*.so*"))
-
-
 def read_header(path: Path) -> tuple[dict, int]:
     """The safetensors header {name: {dtype, shape, data_offsets}} and where the data starts."""
     with open(path, "rb") as f:
