@@ -79,14 +79,21 @@ def _start(db: Path, port: int, certs: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _wait_ready(url: str, ctx: ssl.SSLContext, timeout: float = 120.0) -> float:
+def _wait_ready(url: str, ctx: ssl.SSLContext, db: Path, timeout: float = 120.0) -> float:
+    """Seconds until GET /v1/status answers 200 with the operator token (the server writes it to
+    <db>/operator.token on its first start)."""
     import httpx
+
+    from pocketfed.server import operator
 
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         try:
-            if httpx.get(f"{url}/v1/status", verify=ctx, timeout=2).status_code == 200:
-                return time.perf_counter() - t0
+            token_file = operator.token_path(db)
+            if token_file.is_file():
+                auth = {"authorization": f"Bearer {operator.read(token_file)}"}
+                if httpx.get(f"{url}/v1/status", verify=ctx, timeout=2, headers=auth).status_code == 200:
+                    return time.perf_counter() - t0
         except httpx.TransportError:
             pass
         time.sleep(0.05)
@@ -323,7 +330,7 @@ def run() -> list[dict[str, Any]]:
         base = {"port": port, "cafile": str(certs / "ca.pem")}
         server = _start(db, port, certs)
         try:
-            _wait_ready(url, ctx)
+            _wait_ready(url, ctx, db)
             # ---- round: 200 devices, one round -------------------------------------------------------
             ids = list(range(DEVICES))
             res = _load({**base, "phase": "round", "devices": ids, "tokens": _tokens(db, len(ids))})
@@ -374,7 +381,7 @@ def run() -> list[dict[str, Any]]:
             server.send_signal(signal.SIGKILL)
             server.wait()
             server = _start(db, port, certs)
-            ready = _wait_ready(url, ctx)
+            ready = _wait_ready(url, ctx, db)
             after = _query(db, "SELECT round_id, device_id, blob_sha FROM updates ORDER BY 1, 2")
             resumed = _query(db, "SELECT round_id FROM rounds WHERE status = 'open'")
             versions = _query(db, "SELECT COUNT(*) FROM versions")[0][0]

@@ -101,7 +101,7 @@ class PrivacyConfig:
     adaptive_clip: bool = False  # Andrew et al. 2021
     target_quantile: float = 0.5
     clip_lr: float = 0.2
-    count_noise_std: float = 0.0  # sigma_b for the adaptive-clipping count (0 = none; set > z/2 under DP)
+    count_noise_std: float = 0.0  # sigma_b, noise on the adaptive-clipping count; > noise_multiplier/2 under DP
     secagg: bool = False  # secure aggregation: the server learns only the sum
     secagg_degree: int = 0  # SecAgg+ neighbours per device (0 = the full graph)
     frac_bits: int = 16  # fixed-point fractional bits of the secure sum
@@ -111,7 +111,9 @@ class PrivacyConfig:
 @dataclass
 class SimConfig:
     devices: int = 8  # training population; 0 = every device of the dataset
-    per_round: int = 0  # devices sampled per round; 0 = all of the population
+    # expected devices per round: each device of the population is sampled independently (Poisson)
+    # with q = per_round / population, so a round's cohort size varies; 0 = q 1 (every device)
+    per_round: int = 0
     rounds: int = 3
     heldout: int = 4  # devices kept out of training, for evaluation only
     seed: int = 0
@@ -134,11 +136,26 @@ class EvalConfig:
 
 @dataclass
 class DeployConfig:
-    """Rounds with real devices over HTTP (`pocketfed server`); sim.rounds and sim.seed still apply."""
+    """Rounds with real devices over HTTP (`pocketfed server`); sim.rounds and sim.seed still apply.
 
-    goal: int = 8  # accepted updates that close a round
-    overselect: float = 1.3  # devices assigned per round = ceil(goal * overselect)
-    quorum: int = 4  # fewest updates that may still commit a round at its deadline
+    A round's cohort is a Poisson sample drawn when the round opens, never the first devices to
+    check in: every registered device below its participation cap (the frame) is drawn
+    independently with q = min(1, ceil(goal * overselect) / frame), and the accountant is given
+    that q for the round (a device registering during the round is drawn by the same rule when it
+    checks in). A device outside the sample is told to wait; a sampled device that is not eligible
+    when it checks in sits the round out. The cohort's size is random, so:
+      - the round commits at `goal` updates, or at its deadline with at least `quorum` updates
+        (below it the round aborts and a new one is drawn): a cohort smaller than the goal
+        commits at the deadline, so set overselect to make that rare;
+      - a cohort smaller than the quorum (2 at least under secure aggregation), the empty one
+        included, cannot commit: the round closes at once, the adapter stays, and the round counts
+        as run, for the accountant too;
+      - no round opens while fewer devices than that are registered.
+    """
+
+    goal: int = 8  # updates that close a round before its deadline
+    overselect: float = 1.3  # expected sampled cohort = ceil(goal * overselect); q is computed from it
+    quorum: int = 4  # fewest updates that may commit a round (at its deadline, or a cohort this small)
     deadline_s: float = 600.0  # a round's life from opening to deadline
     retry_s: float = 30.0  # "come back in" hint to devices that get no task
     min_free_memory_mb: int = 512  # eligibility: besides charging, idle and unmetered
@@ -146,7 +163,16 @@ class DeployConfig:
     max_clock_skew_s: float = 300.0  # signed requests older or newer than this are refused
     max_upload_mb: float = 64.0  # largest update a device may upload
     secagg_stage_s: float = 60.0  # with privacy.secagg: each stage after advertise (share, masked, unmask) lasts this long
-    population: int = 0  # devices that may take part; DP accounts sample rate goal / population (0 = unknown: rate 1)
+    # the planned population, used only to calibrate z for privacy.target_epsilon before round 1, at
+    # q = ceil(goal * overselect) / population (0 = unknown: q 1, the most noise); every round is then
+    # accounted at its actual q, from the devices registered when it opened (fewer than planned: a
+    # higher q, and the budget stop comes sooner)
+    population: int = 0
+    # a device that took part in max_participations of the last participation_window training rounds
+    # is not sampled (0 = no cap; window 0 = the whole run); the accountant bounds a device's rounds
+    # by min(sim.rounds, max_participations * ceil(sim.rounds / window)). Simulations apply it too.
+    max_participations: int = 0
+    participation_window: int = 0
     open_registration: bool = False  # True: any Ed25519 key may register (loopback trials); False: a new
     # device spends a one-time enrollment token (`pocketfed enroll`), so strangers cannot join rounds
 
@@ -327,6 +353,16 @@ def validate(cfg: RunConfig) -> None:
         (cfg.privacy.dp is not DPMode.distributed or cfg.privacy.secagg,
          "privacy.dp=distributed needs privacy.secagg=true (each share of noise alone is too small)"),
         (8 <= cfg.privacy.frac_bits <= 24, "privacy.frac_bits must be between 8 and 24"),
+        (cfg.privacy.count_noise_std >= 0, "privacy.count_noise_std must be 0 or positive"),
+        (0 <= cfg.privacy.target_quantile <= 1, "privacy.target_quantile must be between 0 and 1"),
+        (cfg.privacy.clip_lr > 0, "privacy.clip_lr must be positive"),
+        # Andrew et al. (NeurIPS 2021) Theorem 1: the count takes (2 sigma_b)^-2 of z^-2, so sigma_b > z / 2;
+        # a calibrated z is checked once it is known (`pocketfed.privacy.budget.init_privacy`)
+        (not cfg.privacy.adaptive_clip or cfg.privacy.dp is DPMode.none
+         or cfg.privacy.count_noise_std > max(0.0, cfg.privacy.noise_multiplier / 2),
+         f"privacy.count_noise_std must be above privacy.noise_multiplier / 2 "
+         f"(= {cfg.privacy.noise_multiplier / 2:g}; above 0 with a calibrated noise multiplier) with "
+         f"privacy.adaptive_clip under DP, got {cfg.privacy.count_noise_std:g}"),
         (cfg.deploy.goal >= 1, "deploy.goal must be at least 1"),
         (cfg.deploy.overselect >= 1.0, "deploy.overselect must be 1.0 or more"),
         (1 <= cfg.deploy.quorum <= cfg.deploy.goal, "deploy.quorum must be between 1 and deploy.goal"),
@@ -335,7 +371,15 @@ def validate(cfg: RunConfig) -> None:
          "deploy.manifest_ttl_s and deploy.max_clock_skew_s must be positive"),
         (cfg.deploy.max_upload_mb > 0, "deploy.max_upload_mb must be positive"),
         (cfg.deploy.secagg_stage_s > 0, "deploy.secagg_stage_s must be positive"),
-        (cfg.deploy.population >= 0, "deploy.population must be 0 (unknown) or positive"),
+        (cfg.deploy.population == 0 or cfg.deploy.population >= cfg.deploy.goal,
+         f"deploy.population must be 0 (unknown) or at least deploy.goal ({cfg.deploy.goal}), "
+         f"got {cfg.deploy.population}"),
+        (cfg.deploy.max_participations >= 0,
+         f"deploy.max_participations must be 0 (no cap) or positive, got {cfg.deploy.max_participations}"),
+        (cfg.deploy.participation_window >= 0,
+         f"deploy.participation_window must be 0 (the whole run) or positive, got {cfg.deploy.participation_window}"),
+        (cfg.deploy.participation_window == 0 or cfg.deploy.max_participations > 0,
+         "deploy.participation_window needs deploy.max_participations above 0 (a window without a cap caps nothing)"),
         (0.0 <= cfg.device.dropout < 1.0, "device.dropout must be in [0, 1)"),
         (cfg.device.max_round_seconds >= 0 and cfg.device.max_round_battery_pct >= 0,
          "device.max_round_seconds and device.max_round_battery_pct must be 0 (none) or positive"),

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pocketfed.device.floors import PrivacyFloors
 from pocketfed.errors import UserError
 
 console = Console()
@@ -37,6 +38,7 @@ def server(
 
     from pocketfed.config import load_config, parse_overrides
     from pocketfed.server.coordinator import open_coordinator
+    from pocketfed.server import operator
     from pocketfed.server.http.app import create_app
     from pocketfed.server.http.certs import server_files
 
@@ -60,6 +62,7 @@ def server(
 
     t0 = time.perf_counter()
     coord = open_coordinator(db, cfg, _model_id(cfg.model.name, cfg.model.cache_dir), init_params)
+    operator_token = operator.load_or_create(db)  # the path is printed below, never the token
     latest = coord.store.latest_version()
     ready = (f"[bold]pocketfed server[/] {'https' if ssl else 'http'}://{host}:{port} state={db} "
              f"model={coord.model_id} version={latest.version if latest else 0} "
@@ -70,8 +73,10 @@ def server(
             await super().startup(sockets)  # a port already in use exits here, with uvicorn's error, before "ready"
             if self.started:  # bound and listening: a device that connects now is served
                 console.print(f"{ready} (ready in {time.perf_counter() - t0:.1f} s)")
+                console.print(f"operator token (for `pocketfed status --token-file`): {operator.token_path(db)}",
+                              highlight=False, soft_wrap=True)  # a path to copy: never broken across lines
 
-    Server(uvicorn.Config(create_app(coord), host=host, port=port, log_level="warning", **ssl)).run()
+    Server(uvicorn.Config(create_app(coord, operator_token=operator_token), host=host, port=port, log_level="warning", **ssl)).run()
 
 
 def enroll(
@@ -102,7 +107,8 @@ def device(
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate that signed the server's (https)."),
     data: Path = typer.Option(..., "--data", help="Folder of this device's .txt/.md/.jsonl files (never uploaded)."),
     home: Path = typer.Option(Path("~/.pocketfed"), "--home", help="Identity, installed release and egress ledger."),
-    name: Optional[str] = typer.Option(None, help="Device name to register (default: the data folder's name)."),
+    name: Optional[str] = typer.Option(None, help="Device name to register (default: a random device-xxxxxxxx, "
+                                       "kept in --home)."),
     release_key: Optional[Path] = typer.Option(None, "--release-key", help="Trusted release public key (hex file); "
                                                "default: pinned on first contact."),
     threads: int = typer.Option(1, help="Torch threads for training (0 = torch's default)."),
@@ -113,9 +119,17 @@ def device(
     profile: Optional[str] = typer.Option(None, "--profile", help="Train within this device profile's memory "
                                           "(watch, phone, car, or one from --profiles-file); default: no budget."),
     profiles_file: str = typer.Option("", "--profiles-file", help="YAML file of user-defined device profiles."),
+    min_noise_multiplier: float = typer.Option(PrivacyFloors.min_noise_multiplier, "--min-noise-multiplier", help="Refuse a DP task whose noise "
+                                               "multiplier z is below this (the default: one unsampled round costs epsilon ~10 at delta 1e-5)."),
+    max_clip_norm: float = typer.Option(PrivacyFloors.max_clip_norm, "--max-clip-norm", help="Refuse a DP task whose clip norm is above this."),
+    max_expected_devices: int = typer.Option(PrivacyFloors.max_expected_devices, "--max-expected-devices", help="Refuse a distributed-DP task "
+                                             "whose expected cohort n is above this (the noise share is z C / sqrt(n))."),
+    require_dp: bool = typer.Option(False, "--require-dp", help="Refuse tasks that claim no differential privacy."),
 ) -> None:
     """Take part in federated rounds: check in, train on --data locally, upload the update."""
     from pocketfed.device.agent import run_device
+
+    floors = PrivacyFloors(min_noise_multiplier, max_clip_norm, max_expected_devices, require_dp)
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind in ("wait", "unreachable"):
@@ -123,23 +137,32 @@ def device(
         console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
     sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event,
-                      enrollment_token=enroll_token, profile=profile, profiles_file=profiles_file)
+                      enrollment_token=enroll_token, profile=profile, profiles_file=profiles_file, floors=floors)
     console.print(f"sent {sent} update{'s' * (sent != 1)}; the egress ledger is {home}/ledger.jsonl")
 
 
 def status(
     server_url: str = typer.Option(..., "--server", help="Coordinator URL."),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (https)."),
+    token_file: Path = typer.Option(Path("state/operator.token"), "--token-file",
+                                    help="The operator token: <state>/operator.token of `pocketfed server --db <state>`."),
 ) -> None:
-    """Rounds, devices and metrics of a running coordinator."""
+    """Rounds, devices and round aggregates of a running coordinator (needs its operator token)."""
+    import os
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from pocketfed.device.http_client import DeviceClient, Unreachable, connect
+    from pocketfed.device.http_client import DeviceClient, ServerRefused, Unreachable, connect
+    from pocketfed.server import operator
 
+    # POCKETFED_OPERATOR_TOKEN, when set, is the token itself (not a flag: a flag shows in `ps`)
+    token = os.environ.get("POCKETFED_OPERATOR_TOKEN") or operator.read(token_file)
     try:
-        s = DeviceClient(connect(server_url, ca), Ed25519PrivateKey.generate()).status()
+        s = DeviceClient(connect(server_url, ca), Ed25519PrivateKey.generate()).status(token)
     except Unreachable as e:
         raise UserError(f"cannot reach {server_url}: {e}") from None
+    except ServerRefused as e:
+        raise UserError(f"{server_url} refused the status request: {e.detail}") from None
     console.print(f"model {s.model}, {s.strategy}; version {s.version}; rounds {s.rounds_applied}/{s.rounds_planned}"
                   f"{' (finished)' if s.done else ''}; {s.devices} devices registered")
     if s.open_round:

@@ -14,7 +14,11 @@ Kinds that may leave (their payloads are checked by the ledger, not here):
     secagg_keys     secure aggregation: two X25519 public keys
     secagg_shares   secure aggregation: one sealed Shamir-share pair per neighbour
     masked_update   secure aggregation: the update clipped, fixed-point and masked mod 2^k
+    secagg_signature  secure aggregation: a signature over the round's survivor set (consistency)
     unmask_shares   secure aggregation: the shares the server may see
+    registration    the device's name and Ed25519 public key, and its one-time enrollment token
+                    (the ledger keeps the token's sha256, never the token)
+    checkin         the eligibility fields (charging, idle, unmetered, free memory) of a check-in
 Recorded but never sent: "refusal" (a request the ledger refused, with its reason). Never
 allowed whatever asks: "personal_adapter" (a device's private personal adapter).
 """
@@ -28,8 +32,10 @@ LEDGER_FILE = "ledger.jsonl"
 UPDATE, METRICS = "update", "metrics"
 SECAGG_KEYS, SECAGG_SHARES = "secagg_keys", "secagg_shares"
 MASKED_UPDATE, UNMASK_SHARES = "masked_update", "unmask_shares"
-SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, UNMASK_SHARES)
-ALLOWED_KINDS = (UPDATE, METRICS, *SECAGG_KINDS)
+SECAGG_SIGNATURE = "secagg_signature"
+SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, SECAGG_SIGNATURE, UNMASK_SHARES)
+REGISTRATION, CHECKIN = "registration", "checkin"
+ALLOWED_KINDS = (UPDATE, METRICS, *SECAGG_KINDS, REGISTRATION, CHECKIN)
 
 REFUSAL = "refusal"  # a ledger line for a refused request: nothing was sent
 PERSONAL_ADAPTER = "personal_adapter"  # never leaves, whoever asks
@@ -40,8 +46,11 @@ DESCRIPTIONS: dict[str, str] = {
     MASKED_UPDATE: "model updates (masked)",
     SECAGG_KEYS: "key-agreement messages",
     SECAGG_SHARES: "key-agreement messages",
+    SECAGG_SIGNATURE: "key-agreement messages",
     UNMASK_SHARES: "key-agreement messages",
     METRICS: "metrics",
+    REGISTRATION: "registration",
+    CHECKIN: "check-ins",
 }
 
 

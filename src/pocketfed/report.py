@@ -13,6 +13,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pocketfed.config import VARIANTS  # noqa: E402
 
 
+def _eps(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.3g}"  # None: unbounded (the coordinator sees each update)
+
+
+def privacy_line(summary: dict[str, Any]) -> str:
+    """The run's two epsilons for the title: against the model's recipients and against the coordinator."""
+    p = summary.get("privacy")
+    if not p:
+        return ""
+    return (f"\nDP (delta {p['delta']:.0e}): epsilon {_eps(p.get('epsilon_recipients'))} against the model's "
+            f"recipients, {_eps(p.get('epsilon_coordinator'))} against the coordinator")
+
+
 def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     rounds = [r["round"] + 1 for r in history if r.get("heldout")]
@@ -41,7 +54,7 @@ def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Pa
         ax2.set_ylim(max(0.0, lo - 0.6 * (hi - lo) - 0.02 * lo), hi + 0.15 * (hi - lo) + 0.02 * hi)
     ax2.set_ylabel("perplexity on own test splits")
     ax2.set_title("Trained devices, their own later lines")
-    fig.suptitle(f"pocketfed: {summary.get('model', '')} on {summary.get('dataset', '')}")
+    fig.suptitle(f"pocketfed: {summary.get('model', '')} on {summary.get('dataset', '')}{privacy_line(summary)}")
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -40,6 +40,7 @@ from pocketfed.privacy.budget import PrivacyRun, init_privacy
 from pocketfed.server import checkpoint, strategies
 from pocketfed.server import round as engine
 from pocketfed.server.availability import DroppingBackend
+from pocketfed.server import sampling
 from pocketfed.server.sampling import device_seed, split_population
 from pocketfed.transport import make_backend
 from pocketfed.protocol.messages import TrainResult
@@ -100,8 +101,9 @@ def simulate(
     heldout_blocks = [dataset.device(d).test for d in heldout]
     ev = lambda blocks: evaluate(model, blocks, max_tokens=cfg.data.max_eval_tokens)  # noqa: E731
 
-    per_round = len(engine.sample_cohort(pool, cfg.sim.per_round, cfg.sim.seed, 0))
-    privacy = init_privacy(cfg, per_round / len(pool))
+    # the expected cohort: every round samples each device independently at q = expected / population
+    expected = min(cfg.sim.per_round or len(pool), len(pool))
+    privacy = init_privacy(cfg, expected / len(pool), max_participations=engine.participation_bound(cfg))
     history: list[dict[str, Any]] = []
     if resume:
         state, extra = checkpoint.load(ckpt_path)
@@ -124,12 +126,17 @@ def simulate(
     for r in range(state.round, cfg.sim.rounds):
         stop = engine.budget_stop(privacy)
         if stop:
-            emit("budget_spent", {"round": r, "epsilon": privacy.ledger.epsilon_spent if privacy else 0.0, "reason": stop})
+            emit("budget_spent", {"round": r, "epsilon_recipients": privacy.ledger.epsilon_spent if privacy else 0.0,
+                                  "reason": stop})
             break
         t_round = time.perf_counter()
-        sampled = participants[r] if participants is not None else engine.sample_cohort(pool, cfg.sim.per_round, cfg.sim.seed, r)
+        # Poisson sampling over the devices below deploy.max_participations, keyed by (seed, round)
+        frame = engine.sampling_frame(pool, {row["round"]: row["devices"] for row in history}, r,
+                                      cfg.deploy.max_participations, cfg.deploy.participation_window)
+        cohort = engine.sample_cohort(frame, expected, sampling.simulation_key(cfg.sim.seed, r))
+        sampled = participants[r] if participants is not None else cohort.devices
         emit("round_start", {"round": r, "devices": len(sampled)})
-        plan = engine.round_plan(cfg, privacy, len(sampled))
+        plan = engine.round_plan(cfg, privacy, expected)  # the fixed denominator: the expected cohort
         # eligibility filter, rank truncation, energy/time caps (all no-ops under the default device config)
         tasks, left_out = fleet_mod.prepare(fleet, cfg, r, sampled, state.params, lambda d: len(dataset.device(d).train),
                                             lambda d: device_seed(cfg.sim.seed, r, d))
@@ -142,9 +149,10 @@ def simulate(
             ranks = {d: dev.rank for d, dev in fleet.devices.items()}
             contributions, secure_total = engine.collect_in_memory(done, plan, state.params, r, ranks)
             mean = engine.aggregate(contributions, plan, state.params, secure_total)
-            outcome = engine.commit(state, privacy, contributions, mean, cfg)
-        else:  # nobody eligible, or every device dropped out: the global adapter stays as it is
-            outcome = engine.skip(state)
+            outcome = engine.commit(state, privacy, contributions, mean, cfg, plan=plan, secure_total=secure_total,
+                                    sample_rate=cohort.sample_rate)
+        else:  # nobody sampled, eligible or left: the adapter stays; the accountant counts the round
+            outcome = engine.empty_round(state, privacy, plan, cohort.sample_rate)
         state, metrics = outcome.state, outcome.metrics
         bytes_up = metrics.get("bytes_up_per_device", bytes_up)
         row: dict[str, Any] = {
@@ -158,9 +166,11 @@ def simulate(
             **{k: v for k, v in metrics.items() if k in ("update_norm", "skipped")},
             **fleet_mod.round_report(fleet, cfg, sampled, left_out, results),
         }
-        if privacy and done:
+        row["sample_rate"] = cohort.sample_rate
+        if privacy and outcome.privacy is not None:
             privacy = outcome.privacy
-            row["privacy"] = {"epsilon": metrics["epsilon"], "clip_norm": metrics["clip_norm"], "unclipped": metrics["unclipped"]}
+            row["privacy"] = {k: metrics[k] for k in ("epsilon_recipients", "epsilon_coordinator", "clip_norm",
+                                                      "unclipped_fraction")}
         if cfg.eval.every_round and heldout_blocks:
             lora.set_state(model, state.params)
             row["heldout"] = ev(heldout_blocks).as_dict()

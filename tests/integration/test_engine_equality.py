@@ -26,7 +26,7 @@ from pocketfed.server import checkpoint
 from pocketfed.server import coordinator as co
 from pocketfed.simulate import simulate
 from pocketfed.transport.inprocess import InProcessBackend
-from tests.unit.deploy.http_fixtures import OK, Clock, app_for
+from tests.unit.deploy.http_fixtures import OK, Clock, app_for, operator_token
 from tests.unit.deploy.test_http_secagg import Party
 
 pytestmark = pytest.mark.integration
@@ -167,8 +167,11 @@ def test_secure_aggregation_with_two_dropouts_equals_simulation(tmp_path):
             p.mask(result.upload.vector)
         clock.offset += stage_s + 1  # the masked stage passes without dev4
         for p in fleet.parties[:4]:
+            p.sign()
+        clock.offset += stage_s + 1  # the consistency stage passes without dev5
+        for p in fleet.parties[:4]:
             p.unmask()
         clock.offset += stage_s + 1  # the unmasking passes without dev5
-        fleet.parties[0].client.status()
+        fleet.parties[0].client.status(operator_token(tmp_path / "state"))
     assert fleet.cohorts() == [["dev0", "dev1", "dev2", "dev3", "dev5"]] * ROUNDS
     replay_equals(tmp_path, fleet)

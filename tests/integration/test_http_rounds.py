@@ -97,7 +97,7 @@ def test_rounds_over_tls_survive_kills(tmp_path):
     tokens: list[str] = []  # `pocketfed enroll`, once the server's state exists
 
     def device_args(i: int) -> list[str]:
-        return ["device", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}",
+        return ["device", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}", "--name", f"dev{i}",
                 "--home", f"homes/dev{i}", "--threads", "1", "--patience", "900", "--enroll-token", tokens[i]]
 
     def open_round() -> tuple[int, int, int] | None:
@@ -120,7 +120,9 @@ def test_rounds_over_tls_survive_kills(tmp_path):
     server = start("server", server_args)
     devices: dict[int, subprocess.Popen] = {}
     try:
-        wait_for("the server's first round", lambda: (db / "state.sqlite").exists() and open_round() is not None, progress)
+        # no round opens before a quorum of devices is registered: wait for the server's state (version 0)
+        wait_for("the server's state", lambda: (db / "state.sqlite").exists() and bool(db_rows(db, "SELECT 1 FROM versions")),
+                 progress)
         enrolled = run_cli(py + ["enroll", "--db", str(db), "--count", str(DEVICES)], cwd=tmp_path, env=env)
         assert enrolled.returncode == 0, enrolled.stderr
         tokens += enrolled.stdout.split()
@@ -169,9 +171,10 @@ def test_rounds_over_tls_survive_kills(tmp_path):
     uploaded = {d for parts in participants for d in parts}
     ledgers = sorted((tmp_path / "homes").glob("dev*/ledger.jsonl"))  # a device never picked sent nothing
     assert len(ledgers) >= len(uploaded) >= CONFIG["deploy"]["quorum"]
-    for ledger in ledgers:  # only updates and metrics left the devices, each written down first
+    for ledger in ledgers:  # only registrations, check-ins, updates and metrics left, each written down first
         kinds = [json.loads(x)["kind"] for x in ledger.read_text().splitlines()]
-        assert set(kinds) <= {"update", "metrics"} and "update" in kinds
+        assert set(kinds) <= {"registration", "checkin", "update", "metrics"} and "update" in kinds
+        assert kinds[0] == "registration" and "checkin" in kinds
 
     # ---- the same rounds, replayed through the simulator -------------------------------------------
     from safetensors.torch import load as st_load

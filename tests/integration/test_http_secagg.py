@@ -1,11 +1,13 @@
 """Secure aggregation over loopback TLS with the real device loop, on the `tiny` model.
 
-One coordinator (uvicorn, in a thread) and device loops (`run_device`, in threads). Round 0: five
-devices; one stops after sending its key shares (dropped before masking), one after sending its
-masked input (dropped after masking). The round commits and the new global adapter equals the
-plain mean of the survivors' clipped updates within secagg's fixed-point bound. Round 1: three of
-five devices stop after masking, leaving 2 < t = 3 to unmask: the round fails, the model is
-unchanged, and a retry with fresh devices commits.
+One coordinator (uvicorn, in a thread) and device loops (`run_device`, in threads), running the
+active-adversary protocol: signed keys, the devices' own checks, the consistency round. Round 0:
+five devices; one stops after sending its key shares (dropped before masking), one after sending
+its masked input (dropped after masking: it signs nothing, but its input is in the sum). The round
+commits and the new global adapter equals the plain mean of the survivors' clipped updates within
+secagg's fixed-point bound. Round 1: three of five devices stop after masking, leaving 2 < t = 3
+to sign the survivor set: the round fails, the model is unchanged, and a retry with fresh devices
+commits.
 
 The waits fail only when nothing moves (no device event, no round state change) for `STALL_S`,
 never on the clock alone. The protocol's own stage deadline (`STAGE_S`) is the one fixed time
@@ -64,7 +66,9 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         "model": {"name": "tiny"}, "data": {"seq_len": 32, "min_train_tokens": 32, "test_fraction": 0.2},
         "train": {"steps": 2, "batch_size": 4, "lr": 5e-3}, "sim": {"rounds": 2, "seed": 0},
         "privacy": {"secagg": True, "clip_norm": CLIP},
-        "deploy": {"goal": 5, "overselect": 1.0, "quorum": 3, "deadline_s": 3600.0, "retry_s": 0.3,
+        # overselect 2: an expected cohort of 10 >= the 10 devices, so q = 1 and every registered device
+        # is drawn into every round (Poisson sampling at q < 1 would leave out devices this test scripts)
+        "deploy": {"goal": 5, "overselect": 2.0, "quorum": 3, "deadline_s": 3600.0, "retry_s": 0.3,
                    "secagg_stage_s": STAGE_S},
     })
 
@@ -114,8 +118,8 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
         def run():
             try:
                 run_device(f"https://127.0.0.1:{port}", tmp_path / "certs" / "ca.pem", tmp_path / "data" / f"dev{i}",
-                           tmp_path / "homes" / f"dev{i}", threads=1, patience_s=300, max_wait_s=0.5, on_event=hook,
-                           enrollment_token=tokens[i])
+                           tmp_path / "homes" / f"dev{i}", name=f"dev{i}", threads=1, patience_s=300, max_wait_s=0.5,
+                           on_event=hook, enrollment_token=tokens[i])
                 outcome[f"dev{i}"] = "done"
             except Stop as e:
                 outcome[f"dev{i}"] = str(e)
@@ -132,7 +136,7 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
 
     t0 = time.perf_counter()
     try:
-        wait_for("the server", lambda: c.store.open_round() is not None, progress)
+        wait_for("the server", lambda: server.started, progress)  # a round opens once 3 (the quorum) registered
         # ---- round 0: dev3 drops before masking, dev4 after -----------------------------------
         threads = [start(0, (1, "masked")), start(1), start(2), start(3, (0, "shares")), start(4, (0, "masked"))]
         wait_for("round 0 to close", lambda: any(r.status != "open" for r in rounds()), progress)
@@ -171,7 +175,98 @@ def test_secagg_rounds_over_tls_with_dropouts(tmp_path, monkeypatch):
 
     # ---- the ledgers: every secagg message written down; the summary says what left ---------------------
     kinds = {k for k, _ in ledger.summarize(tmp_path / "homes" / "dev1").by_kind.items()}
-    assert kinds == {"metrics", "secagg_keys", "secagg_shares", "masked_update", "unmask_shares"}
+    # no metrics: under secure aggregation nothing per device leaves in the clear
+    assert kinds == {"registration", "checkin", "secagg_keys", "secagg_shares", "masked_update", "secagg_signature",
+                     "unmask_shares"}
     sentence = ledger.summarize(tmp_path / "homes" / "dev1").sentence
-    assert "model updates (masked), key-agreement messages, metrics; no raw data left this device" in sentence
-    assert set(ledger.summarize(tmp_path / "homes" / "dev3").by_kind) == {"metrics", "secagg_keys", "secagg_shares"}
+    assert ("model updates (masked), key-agreement messages, registration, check-ins; no raw data left this device"
+            in sentence)
+    assert set(ledger.summarize(tmp_path / "homes" / "dev3").by_kind) == {"registration", "checkin", "secagg_keys",
+                                                                          "secagg_shares"}
+
+
+def test_secure_upload_over_http_and_attack_by_a_doctored_key_directory(tmp_path, monkeypatch):
+    """`secure_upload` itself, five devices in threads over the in-process app (no training, no TLS):
+    d4 stops after its shares, d3 after its masked input; the sum is the plain mean of d0-d3. Then a
+    server that swaps one neighbour's X25519 key in one device's directory: that device refuses
+    (SecAggError) before sending anything more, and its ledger shows no shares."""
+    import json
+
+    from pocketfed.device import ledger
+    from pocketfed.device.secure_upload import secure_upload
+    from pocketfed.privacy import dp, secagg
+    from pocketfed.server import device_requests
+    from tests.unit.deploy.http_fixtures import SHAPES, Clock, app_for
+    from tests.unit.deploy.test_http_secagg import CLIP, Party, delta, make, params_of
+
+    def run_round(folder, parties, stop_at, vectors, clock):
+        errors: dict[str, str] = {}
+        steps: list[tuple[str, str]] = []
+        for p in parties:
+            p.checkin()
+
+        def device(p, x):
+            def emit(kind, info):
+                steps.append((p.name, info["step"]))
+                if stop_at.get(p.name) == info["step"]:
+                    raise Stop(info["step"])
+
+            try:
+                secure_upload(p.client, lambda fn, *a: fn(*a), folder / p.name, "server", p.task, x, {}, 0, emit)
+            except (Stop, secagg.SecAggError) as e:
+                errors[p.name] = f"{type(e).__name__}: {e}"
+
+        threads = [threading.Thread(target=device, args=(p, x), daemon=True) for p, x in zip(parties, vectors)]
+        for t in threads:
+            t.start()
+        seen, still = -1, time.monotonic()
+        while any(t.is_alive() for t in threads):  # a stage that waits for a dropped device: pass its deadline
+            time.sleep(0.2)
+            if len(steps) != seen:
+                seen, still = len(steps), time.monotonic()
+            elif time.monotonic() - still > 2.0:
+                clock.offset += 31
+                still = time.monotonic()
+            assert time.monotonic() - still < 120
+        return errors, steps
+
+    clock = Clock()
+    c = make(tmp_path / "state", {"secagg": True}, goal=5)
+    app = app_for(c, clock)
+    vectors = [dp.flatten_update(delta(i)) for i in range(5)]
+    parties = [Party(app, f"d{i}") for i in range(5)]
+    errors, steps = run_round(tmp_path, parties, {"d4": "shares", "d3": "masked"}, vectors, clock)
+    assert errors == {"d4": "Stop: shares", "d3": "Stop: masked"}, errors
+    assert ("d0", "consistency") in steps and ("d3", "consistency") not in steps
+    got = dp.flatten_update({k: params_of(c, 1)[k] - params_of(c, 0)[k] for k in SHAPES})
+    expect = np.sum([dp.clip_vector(x, CLIP) for x in vectors[:4]], axis=0) / 4
+    assert np.abs(got - expect).max() <= secagg.error_bound(5, c.cfg.privacy.frac_bits) / 4 + 1e-6
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "d0" / ledger.LEDGER_FILE).read_text().splitlines()]
+    assert kinds == ["secagg_keys", "secagg_shares", "masked_update", "secagg_signature", "unmask_shares"]
+    unmask = json.loads((tmp_path / "d0" / ledger.LEDGER_FILE).read_text().splitlines()[-1])
+    # the schema came from the request: b-shares of the 4 survivors, the s-share of d4 (dropped)
+    assert sorted(name.split("/")[0] for name, _, _ in unmask["arrays"]) == ["key"] + ["self"] * 4
+
+    # ---- the next round, the same five devices: the server doctors d1's key directory -------------
+    real_view = device_requests.secagg_view
+
+    def doctored_view(c_, round_id, device_id, now):
+        out = real_view(c_, round_id, device_id, now)
+        if out.get("stage") == "share" and device_id == "d1":  # a consistent liar: the seed of the doctored list
+            victim = next(v for v in out["neighbours"])
+            out["cohort"] = [dict(a) for a in out["cohort"]]
+            out["cohort"][victim]["enc_public"] = "ab" * 32
+            doctored = [secagg.AdvertiseKeys(round_id, *(bytes.fromhex(a[k]) for k in ("identity_public", "enc_public",
+                                                                                         "mask_public", "signature")))
+                        for a in out["cohort"]]
+            out["graph_seed"] = secagg.graph_seed(round_id, doctored).hex()  # the full graph: N(u) is everyone still
+        return out
+
+    monkeypatch.setattr(device_requests, "secagg_view", doctored_view)
+    monkeypatch.setattr("pocketfed.server.coordinator.secagg_view", doctored_view)
+    before = len((tmp_path / "d1" / ledger.LEDGER_FILE).read_text().splitlines())
+    errors, steps = run_round(tmp_path, parties, {}, vectors, clock)
+    assert list(errors) == ["d1"] and "not signed by its identity key" in errors["d1"], errors
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "d1" / ledger.LEDGER_FILE).read_text().splitlines()[before:]]
+    assert kinds == ["secagg_keys"]  # it refused before sending its shares
+    assert c.store.latest_version().version == 2  # the four others still commit the round

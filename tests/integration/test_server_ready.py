@@ -29,8 +29,15 @@ def test_ready_line_comes_after_the_port_is_bound(tmp_path):
             if "ready in" in line:
                 break
         assert any("ready in" in x for x in lines), "".join(lines)
-        status = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=60)  # no retry: it must answer now
+        token_file = tmp_path / "state" / "operator.token"  # made on first start, private to its owner
+        token = token_file.read_text().strip()
+        assert token_file.stat().st_mode & 0o777 == 0o600 and len(token) == 43  # secrets.token_urlsafe(32)
+        lines.append(server.stdout.readline())  # the line after "ready" names the token's file, not the token
+        assert "operator.token" in lines[-1] and token not in "".join(lines), "".join(lines)
+        status = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=60,  # no retry: it must answer now
+                           headers={"authorization": f"Bearer {token}"})
         assert status.status_code == 200 and status.json()["model"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=60).status_code == 401
 
         # a second server on the same port never says ready, and exits non-zero
         with socket.socket() as s:

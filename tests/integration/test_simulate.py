@@ -8,7 +8,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from pocketfed.config import VARIANTS
-from pocketfed.server.sampling import sample_round
+from pocketfed.server import round as engine
+from pocketfed.server import sampling
 from pocketfed.simulate import simulate
 from tests.conftest import tiny_config
 
@@ -73,9 +74,9 @@ def test_resume_equals_uninterrupted(run_a, tmp_path):
 
 def test_sampling_is_explicit_and_per_round():
     pool = [f"d{i}" for i in range(20)]
-    a = sample_round(pool, 5, seed=3, round_=4)
-    assert a == sample_round(pool, 5, seed=3, round_=4) and len(set(a)) == 5
-    assert a != sample_round(pool, 5, seed=3, round_=5)
+    a = engine.sample_cohort(pool, 5, sampling.simulation_key(3, 4))  # Poisson at q = 5 / 20
+    assert a == engine.sample_cohort(pool, 5, sampling.simulation_key(3, 4)) and a.sample_rate == 0.25
+    assert a.devices != engine.sample_cohort(pool, 5, sampling.simulation_key(3, 5)).devices
 
 
 def test_fedadam_run_moves_and_improves(tmp_path):
@@ -97,13 +98,40 @@ def test_dp_run_reports_epsilon_and_stops_at_budget(tmp_path):
                                "target_epsilon": budget}, sim={"rounds": 3}, eval={"variants": ["base", "federated"]})
     result = simulate(cfg, tmp_path / "dp")
     summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
-    assert summary["privacy"]["rounds"] == 1 and summary["privacy"]["epsilon"] == pytest.approx(eps1)
-    assert summary["privacy"]["epsilon"] <= budget
-    assert [row["privacy"]["epsilon"] for row in result.history] == [pytest.approx(eps1)]
+    assert summary["privacy"]["rounds"] == 1 and summary["privacy"]["epsilon_recipients"] == pytest.approx(eps1)
+    assert summary["privacy"]["epsilon_recipients"] <= budget
+    assert summary["privacy"]["epsilon_coordinator"] is None  # central DP: the coordinator sees each update
+    assert [row["privacy"]["epsilon_recipients"] for row in result.history] == [pytest.approx(eps1)]
 
 
 def test_secagg_with_distributed_dp_runs(tmp_path):
     cfg = tiny_config(privacy={"dp": "distributed", "secagg": True, "noise_multiplier": 0.5, "clip_norm": 0.1},
                       sim={"rounds": 1}, eval={"variants": ["federated"]})
     s = simulate(cfg, tmp_path / "sa").summary
-    assert s["privacy"]["epsilon"] > 0 and s["bytes_up_per_device_round"] > 0
+    assert s["privacy"]["epsilon_recipients"] > 0 and s["bytes_up_per_device_round"] > 0
+    assert s["privacy"]["epsilon_coordinator"] >= s["privacy"]["epsilon_recipients"]  # no amplification
+
+
+def test_attack_distributed_dropouts_are_accounted_in_the_simulator(tmp_path):
+    """Devices that drop out take their noise shares with them: the simulator's reported epsilon is
+    dp-accounting's for z sqrt(m / n) per round (the old ledger reported the nominal z)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    z, n = 1.0, 4
+    cfg = tiny_config(privacy={"dp": "distributed", "secagg": True, "noise_multiplier": z, "clip_norm": 0.1},
+                      sim={"rounds": 3, "seed": 2}, device={"dropout": 0.3}, eval={"variants": ["federated"]})
+    result = simulate(cfg, tmp_path / "drop")
+    survivors = [len(row["devices"]) for row in result.history]
+    assert survivors == [4, 2, 3]  # seed 2: 2 then 1 of the 4 drop out (a secure sum needs 2 or more)
+
+    def direct(noise: list[float]) -> float:
+        acct = RdpAccountant()
+        for row, zr in zip(result.history, noise):
+            acct.compose(dp_accounting.PoissonSampledDpEvent(row["sample_rate"], dp_accounting.GaussianDpEvent(zr)))
+        return float(acct.get_epsilon(1e-6))
+
+    # a round nobody finished releases nothing and is accounted at the nominal z
+    truth = direct([z * (m / n) ** 0.5 if m else z for m in survivors])
+    assert result.summary["privacy"]["epsilon_recipients"] == pytest.approx(truth, rel=0.01)
+    assert result.summary["privacy"]["epsilon_recipients"] > 1.01 * direct([z] * len(survivors))

@@ -1,7 +1,10 @@
 """The device process (`pocketfed device`): one readable loop, top to bottom.
 
-    set-up   identity (Ed25519, kept in <home>/identity.key), trusted release key, register
+    set-up   identity (Ed25519, kept in <home>/identity.key), name (--name, else a random one kept in
+             <home>/device.name), trusted release key, register
     loop     check in with eligibility -> a task, or "come back at T"
+             the task's privacy plan against this device's floors (`pocketfed.device.floors`): below
+             them, the refusal goes into the ledger, nothing is sent, and the device checks in later
              verify the task's signed release (tamper, rollback, freeze) and fetch its adapter
              on the first task: load the base once under the plan for --profile (`open_session`)
              the device task (`pocketfed.device.task.run_task`, the simulator's own code): train,
@@ -16,9 +19,12 @@ once its code and data are in, and picks the backend: for Llama models the lean 
 process imports neither transformers nor PEFT (the tokenizer is `tokenizers` alone). Without
 --profile there is no budget: the simulator's transformers + PEFT model, in fp32.
 
-The device's data never leaves: only the update and scalar metrics do, and both pass the
-egress ledger first. A device killed at any point starts again from its home: same identity,
-same installed release; training is deterministic under the task's seed, so a resumed upload
+The device's data never leaves: only the registration, check-ins, the update and scalar metrics
+do, each through the egress ledger first (the client's `egress` door). Under secure aggregation
+no metric leaves in the clear: the commit of the masked input carries 0 tokens and no metrics
+(a per-device loss or token count beside a masked input would undo the masking's point).
+A device killed at any point starts again from its home: same identity, same name, same
+installed release; training is deterministic under the task's seed, so a resumed upload
 continues the same bytes.
 """
 
@@ -30,6 +36,7 @@ drop_cached_library_pages("torch")  # before torch is imported: the process's RS
 
 import gc  # noqa: E402
 import json  # noqa: E402
+import secrets  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,6 +49,7 @@ from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig  # noqa:
 from pocketfed.data.federated import Blocks, to_blocks  # noqa: E402
 from pocketfed.device import http_client as http  # noqa: E402
 from pocketfed.device import ledger, task as device_task  # noqa: E402
+from pocketfed.device.floors import PrivacyFloors  # noqa: E402
 from pocketfed.device.lowmem import fix_malloc_thresholds, trim_heap  # noqa: E402
 from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
 from pocketfed.device.profiles import DeviceProfile  # noqa: E402
@@ -60,6 +68,7 @@ IDENTITY = "identity.key"
 RELEASE_PIN = "release.pub"
 INSTALLED = "installed.json"
 ADAPTER = "adapter.safetensors"
+NAME = "device.name"
 Emit = Callable[[str, dict[str, Any]], None]
 
 
@@ -85,6 +94,22 @@ def probe_eligibility(min_free_mb: int = 0) -> wire.Eligibility:
     except OSError:
         free_mb = min_free_mb
     return wire.Eligibility(charging=charging, idle=True, unmetered=True, free_memory_mb=min(free_mb, 10**7))
+
+
+def device_name(home: Path, given: str | None) -> str:
+    """--name if given, else this home's name: "device-" + 8 hex digits from `secrets`, made once and
+    kept in <home>/device.name so a restart registers the same name. Never derived from the data
+    folder, whose name may say whose data it is."""
+    if given is not None:
+        return given
+    path = home / NAME
+    if not path.is_file():
+        write_atomic(path, f"device-{secrets.token_hex(4)}\n")
+    name = path.read_text().strip()
+    if not wire.DEVICE_NAME.fullmatch(name):
+        raise UserError(f"{str(path)!r} holds {name!r}, not a device name (letters, digits, . _ -; at most 64); "
+                        "delete it for a new random one or give --name")
+    return name
 
 
 def trusted_release_key(home: Path, pinned: Path | None, fetch: Callable[[], str]) -> Any:
@@ -213,10 +238,11 @@ def run_device(
     server: str, ca: Path | None, data_dir: Path, home: Path, name: str | None = None,
     release_key: Path | None = None, threads: int = 1, max_rounds: int = 0, patience_s: float = 600.0,
     max_wait_s: float = 60.0, on_event: Emit | None = None, enrollment_token: str | None = None,
-    profile: str | None = None, profiles_file: str = "",
+    profile: str | None = None, profiles_file: str = "", floors: PrivacyFloors = PrivacyFloors(),
 ) -> int:
     """Take part in rounds until the server says training is finished. -> updates sent.
-    `profile` (watch, phone, car, or one of `profiles_file`): train within its budget."""
+    `profile` (watch, phone, car, or one of `profiles_file`): train within its budget.
+    `floors`: the privacy a task must promise, else it is refused before training."""
     import torch
 
     from pocketfed.device.profiles import get_profile
@@ -231,9 +257,10 @@ def run_device(
     if not data_dir.is_dir():
         raise UserError(f"--data {str(data_dir)!r} is not a folder of .txt/.md/.jsonl files")
     home.mkdir(parents=True, exist_ok=True)
-    name = name or data_dir.resolve().name
+    name = device_name(home, name)
     key = signing.load_or_create_key(home, IDENTITY)
-    client = http.DeviceClient(http.connect(server, ca), key)
+    client = http.DeviceClient(http.connect(server, ca), key,
+                               egress=lambda kind, payload: ledger.check_and_record(home, server, kind, payload, {}))
     last_contact, contacted = time.time(), False
 
     def call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -287,6 +314,12 @@ def run_device(
             emit("wait", {"reason": reply.reason})
             time.sleep(min(max(reply.retry_at - time.time(), 0.2), max_wait_s))
             continue
+        refusal = floors.refusal(task.privacy)  # before the adapter download, before training
+        if refusal is not None:
+            ledger.record_refusal(home, server, "task", f"round {task.round_id}: {refusal}")
+            emit("task_refused", {"round": task.round_index, "round_id": task.round_id, "reason": refusal})
+            time.sleep(min(max(reply.retry_at - time.time(), 0.2), max_wait_s))
+            continue
         try:
             manifest, global_adapter = accept_release(home, trusted, task.release,
                                                       lambda sha: call(client.adapter, sha), time.time())
@@ -317,14 +350,15 @@ def run_device(
         upload = result.upload
         assert upload is not None
         stats = {k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}
-        extra = {"unclipped": float(upload.unclipped)} if privacy.private else {}
+        # the centred (and, under distributed DP, noised) adaptive-clipping bit; under secure aggregation it
+        # travels only inside the masked vector, never in the clear
+        extra = {"unclipped": upload.clip_bit} if upload.clip_bit is not None else {}
         if not privacy.private and start is not global_adapter:  # the server renormalizes the padded slots
             extra["lora_rank"] = float(rank_ops.rank_of(start))
         if upload.vector is not None:  # secure aggregation: the clipped (and noised) vector, masked next
-            metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
-                "num_tokens": result.num_tokens, **extra, **stats}, {}))
+            # nothing per device in the clear: the commit carries 0 tokens and no metrics
             try:
-                secure_upload(client, call, home, server, task, upload.vector, metrics, result.num_tokens, emit)
+                secure_upload(client, call, home, server, task, upload.vector, {}, 0, emit)
                 sent += 1
                 emit("uploaded", {"round": task.round_index, "secagg": True, "peak_rss_mb": round(peak_rss_mb(), 1)})
             except (RoundLost, secagg.SecAggError) as e:

@@ -3,6 +3,11 @@
 Each method is one request (the upload is a few: resume point, chunks, commit). A 4xx answer
 raises `ServerRefused` with the server's error code and sentence; a connection failure raises
 `Unreachable`. The device loop (`pocketfed.device.agent`) decides what to do with either.
+
+A client made with `egress` (the device's ledger door, `(kind, payload) -> bytes`) sends the
+registration and every check-in as the bytes that door returns, so each is written down before it
+leaves; without it (tests, tools) the same JSON is sent unrecorded. `status` is the operator's call
+(GET /v1/status with `Authorization: Bearer <operator token>`), not a device's.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ import hashlib
 import json
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pocketfed import egress as kinds
 from pocketfed.errors import UserError
 from pocketfed.protocol import auth, wire
+
+Egress = Callable[[str, Mapping[str, Any]], bytes]
+"""The device's one door out: (kind, payload) -> the exact bytes to send, recorded first."""
 
 
 class ServerRefused(Exception):
@@ -52,12 +61,13 @@ def connect(url: str, ca: str | Path | None, timeout_s: float = 30.0) -> httpx.C
 
 
 class DeviceClient:
-    def __init__(self, http: httpx.Client, key: Ed25519PrivateKey):
-        self.http, self.key = http, key
+    def __init__(self, http: httpx.Client, key: Ed25519PrivateKey, egress: Egress | None = None):
+        self.http, self.key, self.egress = http, key, egress
 
     def _request(self, method: str, path_qs: str, body: bytes = b"", content_type: str = "application/json",
-                 signed: bool = True) -> httpx.Response:
+                 signed: bool = True, extra: Mapping[str, str] | None = None) -> httpx.Response:
         headers = {"content-type": content_type} if body else {}
+        headers.update(extra or {})
         if signed:
             headers.update(auth.sign_headers(self.key, method, path_qs, body))
         try:
@@ -76,13 +86,19 @@ class DeviceClient:
         body = json.dumps(payload).encode() if payload is not None else b""
         return self._request(method, path_qs, body, signed=signed).json()
 
+    def _recorded(self, kind: str, path: str, payload: dict[str, Any]) -> Any:
+        """POST `payload` as the bytes the egress door returns (it records them first), or as JSON."""
+        body = self.egress(kind, payload) if self.egress is not None else json.dumps(payload).encode()
+        return self._request("POST", path, body).json()
+
     def register(self, name: str, enrollment_token: str | None = None) -> str:
         req = wire.RegisterRequest(name=name, public_key=auth.public_hex(self.key), enrollment_token=enrollment_token)
-        return wire.RegisterResponse.model_validate(self._json("POST", f"{wire.PREFIX}/register", req.model_dump())).device_id
+        out = self._recorded(kinds.REGISTRATION, f"{wire.PREFIX}/register", req.model_dump())
+        return wire.RegisterResponse.model_validate(out).device_id
 
     def checkin(self, eligibility: wire.Eligibility) -> wire.CheckinResponse:
         req = wire.CheckinRequest(eligibility=eligibility)
-        return wire.CheckinResponse.model_validate(self._json("POST", f"{wire.PREFIX}/checkin", req.model_dump()))
+        return wire.CheckinResponse.model_validate(self._recorded(kinds.CHECKIN, f"{wire.PREFIX}/checkin", req.model_dump()))
 
     def adapter(self, sha256: str) -> bytes:
         """The adapter blob, checked against `sha256` (from a verified manifest)."""
@@ -94,8 +110,12 @@ class DeviceClient:
     def release_key(self) -> str:
         return wire.ReleaseKey.model_validate(self._json("GET", f"{wire.PREFIX}/release/key", signed=False)).public_key
 
-    def status(self) -> wire.StatusResponse:
-        return wire.StatusResponse.model_validate(self._json("GET", f"{wire.PREFIX}/status", signed=False))
+    def status(self, operator_token: str) -> wire.StatusResponse:
+        """The coordinator's status: an operator's call, with the token from its state folder
+        (`pocketfed.server.operator`), not signed by a device key."""
+        resp = self._request("GET", f"{wire.PREFIX}/status", signed=False,
+                             extra={"authorization": f"Bearer {operator_token}"})
+        return wire.StatusResponse.model_validate(resp.json())
 
     def upload(self, round_id: int, data: bytes, chunk_bytes: int) -> None:
         """Send `data` in chunks from wherever the server's copy ends (resumable)."""

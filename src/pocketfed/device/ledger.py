@@ -10,14 +10,19 @@
   fixed-size arrays checked against the schema of its protocol step exactly like an update:
   "secagg_keys" (two X25519 public keys), "secagg_shares" (one sealed Shamir-share pair per
   neighbour), "masked_update" (the update, clipped, fixed-point and masked mod 2^k), and
-  "unmask_shares" (the shares the server may see), encoded as safetensors.
+  "unmask_shares" (the shares the server may see), encoded as safetensors;
+- "registration": the `wire.RegisterRequest` (name, public key, enrollment token), encoded as JSON;
+  the ledger line keeps the token's sha256, never the token (the ledger is a log a person reads and
+  may share; the token is a credential until the server spends it);
+- "checkin": the `wire.CheckinRequest` (the eligibility fields), encoded as JSON.
 Anything else is refused, "personal_adapter" above all: a private personal adapter never leaves.
 It returns the exact bytes to send, after appending to `<home>/ledger.jsonl` one JSON line with
 time, destination, kind, byte count, sha256 and the tensor names/shapes (or metric values). A
 refusal raises `EgressRefused` and is appended too, as kind "refusal" with the reason.
 
 The file is append-only: opened with O_APPEND, one write per line, fsync before returning, so an
-entry is on disk before its message can be sent. `summarize` reads it back.
+entry is on disk before its message can be sent. `summarize` reads it back. `record_refusal`
+writes a refusal the device decided on itself (a task below its privacy floors): nothing is sent.
 """
 
 from __future__ import annotations
@@ -35,22 +40,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors.numpy import save as numpy_save
 from safetensors.torch import save as safetensors_save
 
 from pocketfed import egress
 from pocketfed.egress import (  # noqa: F401 (re-exported: callers write ledger.UPDATE, ledger.SECAGG_KEYS...)
     ALLOWED_KINDS,
+    CHECKIN,
     LEDGER_FILE,
     MASKED_UPDATE,
     METRICS,
     REFUSAL,
+    REGISTRATION,
     SECAGG_KEYS,
     SECAGG_KINDS,
     SECAGG_SHARES,
+    SECAGG_SIGNATURE,
     UNMASK_SHARES,
     UPDATE,
 )
+from pocketfed.protocol import wire
 
 ALLOWED_METRICS = frozenset({
     "num_tokens", "num_examples", "loss", "train_loss", "eval_loss", "perplexity", "steps",
@@ -112,13 +122,34 @@ def _check_metrics(payload: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _check_request(kind: str, payload: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """A registration or check-in: the wire model's exact fields (extra ones refused), its JSON bytes,
+    and what the ledger line says of it (the enrollment token only as its sha256)."""
+    model = wire.RegisterRequest if kind == REGISTRATION else wire.CheckinRequest
+    try:
+        req = model.model_validate(dict(payload))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "(message)"
+        # the message, not the value: a field that should not be here may hold anything
+        raise EgressRefused(f"{kind} field {where!r}: {first.get('msg', 'invalid')}") from None
+    data = json.dumps(req.model_dump()).encode()
+    if isinstance(req, wire.RegisterRequest):
+        token = req.enrollment_token
+        return {"name": req.name, "public_key": req.public_key,
+                "enrollment_token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None}, data
+    return {"eligibility": req.eligibility.model_dump()}, data
+
+
 def check_and_record(home: str | Path, destination: str, kind: str, payload: Mapping[str, Any],
                      schema: Schema) -> bytes:
     """Check an outbound message, record it, and return the exact bytes to send.
 
     Raises EgressRefused (after recording the refusal) for any kind outside `ALLOWED_KINDS`,
     a tensor or array outside the schema (name, shape or dtype), or a metric outside the
-    allow-list or not a finite number. For the secure-aggregation kinds `schema` is the step's
+    allow-list or not a finite number, or a registration or check-in that is not exactly its wire
+    message (`wire.RegisterRequest`, `wire.CheckinRequest`: `payload` is its `model_dump()`, `schema`
+    is unused). For the secure-aggregation kinds `schema` is the step's
     (`pocketfed.protocol.secagg_wire.*_schema`) and the arrays are numpy arrays.
     """
     home = Path(home)
@@ -135,6 +166,8 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
             metrics = _check_metrics(payload)
             described = {"metrics": metrics}
             data = json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()
+        elif kind in (REGISTRATION, CHECKIN):
+            described, data = _check_request(kind, payload)
         else:
             raise EgressRefused(f"kind {kind!r} may not leave this device; allowed: {list(ALLOWED_KINDS)}")
     except EgressRefused as refusal:
@@ -144,6 +177,13 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
     _append(home, {"time": time.time(), "destination": destination, "kind": kind,
                    "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **described})
     return data
+
+
+def record_refusal(home: str | Path, destination: str, requested_kind: str, reason: str) -> None:
+    """Write down a refusal the device decided on itself (e.g. a task below its privacy floors):
+    a "refusal" line, like the ledger's own, and nothing is sent."""
+    _append(Path(home), {"time": time.time(), "destination": destination, "kind": REFUSAL,
+                         "requested_kind": requested_kind, "reason": reason})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""A device's side of secure aggregation over HTTP: steps 0-3 of Bonawitz et al. (CCS 2017), each
-message through the egress ledger before it is sent."""
+"""A device's side of secure aggregation over HTTP: steps 0-3 of Bonawitz et al. (CCS 2017, Fig. 4,
+with signatures and the consistency round), each message through the egress ledger before it is
+sent, and every check a device makes against an active server (`pocketfed.privacy.secagg`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -11,11 +13,12 @@ import numpy as np
 
 from pocketfed.device import http_client as http
 from pocketfed.device import ledger
-from pocketfed.privacy import secagg
+from pocketfed.privacy import pipeline, secagg
 from pocketfed.protocol import secagg_wire as sw
 from pocketfed.protocol import wire
 
 Emit = Callable[[str, dict[str, Any]], None]
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 
 
 class RoundLost(Exception):
@@ -25,47 +28,56 @@ class RoundLost(Exception):
 def _wait_stage(client: http.DeviceClient, round_id: int, stage: str, call: Callable[..., Any],
                 poll_s: float = 0.2) -> wire.SecAggState:
     """Poll the round until it reaches `stage`; RoundLost if it moves past it or closes."""
-    order = ["advertise", "share", "masked", "unmask"]
     while True:
         view = call(client.secagg_state, round_id)
         if view.stage == stage:
             return view
-        if view.stage not in order or order.index(view.stage) > order.index(stage):
+        if view.stage not in STAGES or STAGES.index(view.stage) > STAGES.index(stage):
             raise RoundLost(f"round {round_id} is {view.stage} ({view.reason or 'the stage passed'}) before this device's {stage}")
         time.sleep(poll_s)
 
 
+def _directory(view: wire.SecAggState, round_id: int) -> secagg.KeyDirectory:
+    assert view.index is not None and view.cohort is not None and view.graph_seed is not None
+    cohort = tuple(secagg.AdvertiseKeys(round_id, bytes.fromhex(a.identity_public), bytes.fromhex(a.enc_public),
+                                        bytes.fromhex(a.mask_public), bytes.fromhex(a.signature)) for a in view.cohort)
+    return secagg.KeyDirectory(round_id, view.index, cohort, bytes.fromhex(view.graph_seed),
+                               frozenset(view.neighbours or ()))
+
+
 def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Path, server: str, task: wire.TaskSpec,
                   vector: np.ndarray, metrics: dict[str, float], num_tokens: int, emit: Emit) -> None:
-    """Steps 0-3 of Bonawitz et al. (CCS 2017) for one round, each message through the ledger first.
+    """Steps 0-3 for one round, each message through the ledger first; the same device functions
+    `secagg.simulate_round` runs, with the device's identity key (`client.key`) as its signer.
 
-    The same device functions `secagg.simulate_round` runs: `generate_keys` (step 0), `share_keys`
-    (step 1), `mask_input` (step 2), `unmask` (step 3). Raises RoundLost when the round leaves
-    this device behind.
+    Raises RoundLost when the round leaves this device behind, SecAggError when the server's
+    parameters or messages fail a check (then this device sends nothing more for the round).
     """
     rid = task.round_id
-    keys = secagg.generate_keys()  # step 0: AdvertiseKeys; the request is signed by the device identity
-    call(client.secagg_send, rid, "keys", ledger.check_and_record(home, server, ledger.SECAGG_KEYS, sw.keys_arrays(keys),
+    assert task.privacy is not None
+    plan = task.privacy.to_plan(task.codec)
+    adapter_dim = sum(math.prod(t.shape) for t in task.adapter_schema)
+    keys = secagg.generate_keys()  # step 0: AdvertiseKeys, signed by the device identity
+    advert = secagg.advertise(rid, keys, client.key)
+    call(client.secagg_send, rid, "keys", ledger.check_and_record(home, server, ledger.SECAGG_KEYS, sw.keys_arrays(advert),
                                                                  sw.keys_schema()))
     emit("secagg", {"round": task.round_index, "step": "keys"})
 
-    view = _wait_stage(client, rid, "share", call)  # step 1: ShareKeys to N(u) + u
-    if view.index is None or view.params is None or view.neighbours is None:
+    view = _wait_stage(client, rid, "share", call)  # end of step 0: check everything, then ShareKeys
+    if view.index is None or view.params is None or view.cohort is None:
         raise RoundLost(f"round {rid} fixed its cohort without this device")
     config = secagg.SecAggConfig(**view.params.model_dump())
-    if config.round_id != rid or config.dimension != vector.size:
-        raise RoundLost(f"round {rid}'s secure-aggregation parameters do not match this task")
-    state = secagg.begin(config, view.index, keys)
-    directory = secagg.KeyDirectory(rid, view.index, {v: (bytes.fromhex(k.enc_public), bytes.fromhex(k.mask_public))
-                                                      for v, k in view.neighbours.items()})
-    state, shares = secagg.share_keys(state, directory)
-    holders = set(directory.neighbours) | {view.index}
+    secagg.accept_config(config, round_id=rid, dimension=vector.size, min_degree=plan.secagg_degree,
+                         clip_norm=pipeline.secure_bound(plan, adapter_dim), frac_bits=plan.frac_bits)
+    state = secagg.check_directory(secagg.begin(config, view.index, keys, client.key), _directory(view, rid))
+    state, shares = secagg.share_keys(state)
+    holders = set(state.neighbours) | {state.device_id}
     call(client.secagg_send, rid, "shares", ledger.check_and_record(home, server, ledger.SECAGG_SHARES,
                                                                    sw.shares_arrays(shares), sw.shares_schema(holders)))
     emit("secagg", {"round": task.round_index, "step": "shares"})
 
-    view = _wait_stage(client, rid, "masked", call)  # step 2: MaskedInput through the resumable upload
-    bundle = secagg.SharesForDevice(rid, view.index or 0, tuple(
+    view = _wait_stage(client, rid, "masked", call)  # step 2: MaskedInput (refused below t shares)
+    bundle = secagg.SharesForDevice(rid, state.device_id, tuple(
         secagg.EncryptedShare(s.sender, state.device_id, bytes.fromhex(s.nonce), bytes.fromhex(s.ciphertext))
         for s in view.shares or ()))
     state, masked = secagg.mask_input(state, bundle, vector)
@@ -74,12 +86,20 @@ def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Pat
     call(client.commit, rid, payload, num_tokens, metrics)
     emit("secagg", {"round": task.round_index, "step": "masked", "bytes": len(payload)})
 
-    view = _wait_stage(client, rid, "unmask", call)  # step 3: shares of b_u (u in U3) and s_d (d in D)
-    request = secagg.UnmaskRequest(rid, frozenset(view.survivors or ()), frozenset(view.dropped or ()))
+    view = _wait_stage(client, rid, "consistency", call)  # step 2': sign U3, once
+    state, signature = secagg.sign_survivors(state, secagg.ConsistencyRequest(rid, frozenset(view.survivors or ())))
+    call(client.secagg_send, rid, "consistency", ledger.check_and_record(
+        home, server, ledger.SECAGG_SIGNATURE, sw.signature_arrays(signature), sw.signature_schema()))
+    emit("secagg", {"round": task.round_index, "step": "consistency"})
+
+    view = _wait_stage(client, rid, "unmask", call)  # step 3: t signatures over U3, then the shares
+    request = secagg.UnmaskRequest(rid, frozenset(view.survivors or ()), frozenset(view.dropped or ()),
+                                   {v: bytes.fromhex(sig) for v, sig in (view.signatures or {}).items()})
+    state = secagg.check_consistency(state, request)
     response = secagg.unmask(state, request)
-    schema = sw.unmask_schema(response.self_mask_shares, response.key_shares)
+    # what may leave is fixed by the request, not by the response: b-shares for the survivors and
+    # s-shares for the dropped the server named, of the devices whose shares this device holds
+    schema = sw.unmask_schema(request.survivors & state.held.keys(), request.dropped & state.held.keys())
     call(client.secagg_send, rid, "unmask", ledger.check_and_record(home, server, ledger.UNMASK_SHARES,
                                                                    sw.unmask_arrays(response), schema))
     emit("secagg", {"round": task.round_index, "step": "unmask"})
-
-

@@ -1,5 +1,9 @@
 """Privacy commands: `pocketfed privacy calibrate|epsilon` and `pocketfed ledger --home DIR`.
 
+`privacy epsilon` prints two epsilons (`pocketfed.privacy.accountant`): against the model's
+recipients (amplified by sampling) and against the coordinator (it knows who took part: no
+amplification, over the most rounds one device takes part in; inf under central DP).
+
 `register(app)` adds them to the main typer app. Bad values raise `UserError` with one sentence.
 """
 
@@ -19,6 +23,11 @@ from pocketfed.errors import UserError
 class Method(str, enum.Enum):
     rdp = "rdp"
     pld = "pld"
+
+
+class Mode(str, enum.Enum):
+    central = "central"
+    distributed = "distributed"
 
 
 def _check_common(delta: float, rounds: int, sample_rate: float) -> None:
@@ -44,8 +53,9 @@ def calibrate_command(
         raise UserError(f"--epsilon must be a positive finite number, got {epsilon}.")
     _check_common(delta, rounds, sample_rate)
     z = calibrate(epsilon, delta, rounds, sample_rate, method=method.value)
-    Console().print(f"noise multiplier {z:.6f} keeps epsilon <= {epsilon:g} at delta {delta:g} over "
-                    f"{rounds} rounds at sample rate {sample_rate:g} ({method.value})", highlight=False)
+    Console().print(f"noise multiplier {z:.6f} keeps epsilon (against the model's recipients) <= {epsilon:g} "
+                    f"at delta {delta:g} over {rounds} rounds at sample rate {sample_rate:g} ({method.value})",
+                    highlight=False)
 
 
 def epsilon_command(
@@ -54,17 +64,32 @@ def epsilon_command(
     rounds: int = typer.Option(..., "--rounds", help="Federated rounds."),
     sample_rate: float = typer.Option(..., "--sample-rate", help="Fraction of devices per round, in (0, 1]."),
     method: Method = typer.Option(Method.rdp, "--method", help="Accountant: rdp (fast) or pld (tighter)."),
+    dp: Mode = typer.Option(Mode.central, "--dp", help="Who adds the noise: central (the server) or distributed."),
+    secagg: bool = typer.Option(False, "--secagg/--no-secagg", help="Secure aggregation hides each update."),
+    devices: int = typer.Option(0, "--devices", help="Expected cohort n (distributed DP without secagg)."),
+    max_participations: int = typer.Option(0, "--max-participations",
+                                           help="Most rounds one device takes part in (0 = every round)."),
 ) -> None:
-    """Print the epsilon a run spends."""
-    from pocketfed.privacy.accountant import epsilon
+    """Print the epsilons a run spends: against the model's recipients and against the coordinator."""
+    from pocketfed.privacy.accountant import coordinator_epsilon, coordinator_noise_multiplier, epsilon
 
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise UserError(f"--noise-multiplier must be a positive finite number, got {noise_multiplier}.")
     _check_common(delta, rounds, sample_rate)
+    if max_participations < 0:
+        raise UserError(f"--max-participations must be 0 (every round) or a positive whole number, got {max_participations}.")
+    distributed = dp is Mode.distributed
+    if distributed and not secagg and devices < 1:
+        raise UserError("--devices must be the expected cohort (1 or more) for --dp distributed without --secagg.")
     eps = epsilon(noise_multiplier, sample_rate, rounds, delta, method=method.value)
-    Console().print(f"epsilon {eps:.6f} at delta {delta:g} after {rounds} rounds at sample rate "
-                    f"{sample_rate:g} with noise multiplier {noise_multiplier:g} ({method.value})",
-                    highlight=False)
+    z_coord = coordinator_noise_multiplier(noise_multiplier, distributed, secagg, max(devices, 1), max(devices, 1))
+    eps_coord = coordinator_epsilon([(z_coord, rounds)], max_participations or None, delta, method.value)
+    sees = ("each device's own noised update" if distributed and not secagg else "only the noised sum"
+            if distributed else "each update (central DP)")
+    Console().print(f"epsilon_recipients {eps:.6f} (the model's recipients, amplified by sampling at "
+                    f"{sample_rate:g})\nepsilon_coordinator {eps_coord:.6f} (the coordinator knows who took part and "
+                    f"sees {sees}; over {min(max_participations or rounds, rounds)} rounds)\nat delta {delta:g} after "
+                    f"{rounds} rounds with noise multiplier {noise_multiplier:g} ({method.value})", highlight=False)
 
 
 def ledger_command(

@@ -12,16 +12,21 @@ Gaussian mechanism with noise multiplier z and clip norm C:
     central:      the server adds N(0, (z C)^2 I) once to the sum of clipped updates;
     distributed:  each of n devices adds N(0, (z C)^2 / n I), so the sum of the n noises is
                   N(0, (z C)^2 I) (variances add). If only m < n devices survive, the sum has
-                  std z C sqrt(m / n): over-provision n by the expected dropout.
+                  std z C sqrt(m / n), and the accountant charges the round z sqrt(m / n)
+                  (`pocketfed.privacy.accountant.effective_noise_multiplier`).
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, NeurIPS 2021, "Differentially Private
-Learning with Adaptive Clipping"), for a target unclipped quantile gamma and learning rate eta:
-    b_i = 1[ ||Delta_i|| <= C ]                         (sent by each device)
-    b   = (sum_i b_i + N(0, sigma_b^2)) / m             (noised fraction of unclipped updates)
-    C  <- C * exp(-eta * (b - gamma))                   (geometric update)
-Spending part of the privacy budget on the count, the update noise multiplier becomes
-    z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)            (their Theorem 1)
-so that the pair (update, count) has the privacy of a single Gaussian mechanism with z.
+Learning with Adaptive Clipping", Algorithm 1 and Theorem 1), for a target unclipped quantile gamma,
+learning rate eta and the expected cohort n:
+    b_i = 1[ ||Delta_i|| <= C ] - 1/2                   (centred bit: sensitivity 1/2, not 1)
+    b~  = (sum_i b_i + N(0, sigma_b^2)) / n + 1/2       (noised fraction of unclipped updates)
+    C  <- C * exp(-eta * (b~ - gamma))                  (geometric update)
+Centring makes the count's sensitivity 1/2 under add-or-remove (a device adds +-1/2), so the count is
+a Gaussian mechanism with multiplier 2 sigma_b. With the update's multiplier
+    z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)            (Theorem 1; needs sigma_b > z / 2)
+the pair (update, count) has exactly the privacy of one Gaussian mechanism with multiplier z
+(the Renyi divergences of the two add: z^-2 = z_Delta^-2 + (2 sigma_b)^-2), which is what the
+accountant composes. Under distributed DP each device adds N(0, sigma_b^2 / n) to its centred bit.
 
 Noise source: AES-256-CTR keystream (a cryptographically secure PRG) keyed from
 `secrets.token_bytes(32)`, turned into uniforms on (0, 1) with 53-bit resolution and then into
@@ -189,7 +194,8 @@ class AdaptiveClipState:
     """Adaptive clipping state (Andrew et al., 2021): the clip norm and how it moves.
 
     clip_norm: current C. target_quantile: gamma, the fraction of updates to leave unclipped.
-    learning_rate: eta of the geometric update. count_noise_std: sigma_b, noise on the count.
+    learning_rate: eta of the geometric update. count_noise_std: sigma_b, the noise on the
+    centred count (the pipeline adds it: `pocketfed.privacy.pipeline.clip_estimate`).
     """
 
     clip_norm: float
@@ -198,8 +204,8 @@ class AdaptiveClipState:
     count_noise_std: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.clip_norm <= 0:
-            raise ValueError(f"clip_norm must be positive, got {self.clip_norm}")
+        if not self.clip_norm > 0 or not math.isfinite(self.clip_norm):
+            raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm}")
         if not 0.0 <= self.target_quantile <= 1.0:
             raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile}")
         if self.learning_rate <= 0 or self.count_noise_std < 0:
@@ -207,29 +213,39 @@ class AdaptiveClipState:
 
 
 def is_unclipped(norm: float, clip_norm: float) -> bool:
-    """The device's bit b_i = 1[||Delta_i|| <= C]; the only thing about its norm it sends."""
+    """The device's bit 1[||Delta_i|| <= C]; it leaves the device only centred and noised."""
     return norm <= clip_norm
 
 
-def adapt_clip(
-    state: AdaptiveClipState, num_unclipped: int, num_devices: int, seed: int | None = None
-) -> AdaptiveClipState:
-    """One geometric step: C <- C exp(-eta (b - gamma)), b = (count + N(0, sigma_b^2)) / m."""
-    if num_devices < 1 or not 0 <= num_unclipped <= num_devices:
-        raise ValueError(f"need 0 <= num_unclipped <= num_devices >= 1, got "
-                         f"{num_unclipped} of {num_devices}")
-    noise = float(gaussian(1, state.count_noise_std, seed)[0]) if state.count_noise_std else 0.0
-    fraction = (num_unclipped + noise) / num_devices
-    new_clip = state.clip_norm * math.exp(-state.learning_rate * (fraction - state.target_quantile))
+def centred_bit(unclipped: bool) -> float:
+    """b_i - 1/2 in {-1/2, +1/2}: adding or removing a device moves the sum by at most 1/2."""
+    return 0.5 if unclipped else -0.5
+
+
+def unclipped_estimate(noised_centred_sum: float, expected_devices: int) -> float:
+    """b~ = (sum_i (b_i - 1/2) + noise) / n + 1/2 over the expected cohort n (Andrew et al. 2021,
+    Algorithm 1): a fixed denominator keeps the sensitivity; with m < n devices it is biased
+    towards 1/2 by (n - m) / (2 n), the price of not publishing m."""
+    if expected_devices < 1:
+        raise ValueError(f"expected_devices must be at least 1, got {expected_devices}")
+    return noised_centred_sum / expected_devices + 0.5
+
+
+def adapt_clip(state: AdaptiveClipState, estimate: float) -> AdaptiveClipState:
+    """One geometric step C <- C exp(-eta (b~ - gamma)) from the noised estimate b~."""
+    if not math.isfinite(estimate):
+        raise ValueError(f"the unclipped estimate must be a finite number, got {estimate}")
+    new_clip = state.clip_norm * math.exp(-state.learning_rate * (estimate - state.target_quantile))
     return dataclasses.replace(state, clip_norm=new_clip)
 
 
 def adjusted_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
-    """z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the update's share of a total multiplier z."""
-    if count_noise_std == 0:
-        raise ValueError("count_noise_std must be positive to spend budget on the count")
-    rest = noise_multiplier**-2 - (2.0 * count_noise_std) ** -2
-    if rest <= 0:
-        raise ValueError(f"count_noise_std {count_noise_std} is too small for total noise "
-                         f"multiplier {noise_multiplier}: need sigma_b > z / 2")
-    return rest**-0.5
+    """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the update's share of a total multiplier z
+    (Andrew et al., NeurIPS 2021, Theorem 1)."""
+    if not noise_multiplier > 0:
+        raise ValueError(f"the total noise multiplier must be positive, got {noise_multiplier}")
+    if not (count_noise_std > 0 and count_noise_std > noise_multiplier / 2):
+        raise ValueError(f"privacy.count_noise_std must be above privacy.noise_multiplier / 2 = "
+                         f"{noise_multiplier / 2:g} for the count to fit in the total noise "
+                         f"multiplier {noise_multiplier:g}, got {count_noise_std:g}")
+    return (noise_multiplier**-2 - (2.0 * count_noise_std) ** -2) ** -0.5

@@ -1,30 +1,72 @@
-"""Secure aggregation: the server learns the sum of the devices' updates and nothing else.
+"""Secure aggregation: the server learns the sum of the devices' updates and nothing else, even if
+it deviates from the protocol (an active coordinator), as long as it cannot forge device identities.
 
 Protocol: Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal, Seth,
-"Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017 (the
-honest-but-curious variant, without the signature/consistency round), over the sparse
-neighbour graph of SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, "Secure Single-Server
+"Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017, in its
+active-adversary form (Fig. 4: signed AdvertiseKeys and the ConsistencyCheck round), over the
+sparse neighbour graph of SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, "Secure Single-Server
 Aggregation with (Poly)Logarithmic Overhead", CCS 2020). Shamir, "How to Share a Secret",
-CACM 22(11), 1979.
+CACM 22(11), 1979. Signatures: Ed25519 (Bernstein et al., CHES 2011), each device's identity key.
 
 Steps (device functions / server functions; messages are the dataclasses below):
  0. advertise:   u makes two X25519 key pairs, (c_u, C_u) for encryption and (s_u, S_u) for masks,
-                 and sends `AdvertiseKeys(C_u, S_u)`. Server: `key_directories` sends each u the
-                 public keys of its neighbours N(u) (all others, or a random 2h-regular Harary
-                 graph for SecAgg+, h = ceil(degree/2)).
+                 and sends `AdvertiseKeys(C_u, S_u, sig_u)`, sig_u = Ed25519 over (round, its identity
+                 key, C_u, S_u) (`advertise`). Server: `order_cohort` sorts the signed adverts by
+                 identity key (the device index u is the position: the server has no choice of order),
+                 `graph_seed` hashes the list, and `key_directories` sends every u the whole list,
+                 the seed and N(u). Device: `check_directory` checks that identity
+                 keys are distinct and in order, that its own entry is its own, recomputes the seed
+                 and N(u) and refuses any difference, verifies every neighbour's signature, and
+                 recomputes the threshold floor (below).
  1. share keys:  u draws a self-mask seed b_u, Shamir-shares s_u and b_u t-of-|N(u)+u| over
                  GF(p), p = 2^521 - 1, and encrypts the shares for v with AES-GCM under
-                 HKDF(X25519(c_u, C_v), round, u, v). Server: `route_shares` only relays.
- 2. masked input: u clips x_u to L2 norm C, encodes it in fixed point (below) and sends
-                 y_u = x_u + PRG(b_u) + sum_{v in N(u), u<v} PRG(s_uv) - sum_{v in N(u), u>v} PRG(s_uv)
+                 HKDF(X25519(c_u, C_v), round, u, v) (`share_keys`). Server: `route_shares` relays.
+ 2. masked input: u opens the shares it received (U2 as u sees it) and refuses to go on with fewer
+                 than t valid ones, itself included (Bonawitz et al. require |U2| >= t: with fewer, a
+                 server that withheld the shares would leave y_u masked by PRG(b_u) alone, then ask
+                 for b_u's shares). Else it sends (`mask_input`)
+                 y_u = x_u + PRG(b_u) + sum_{v in U2 n N(u), u<v} PRG(s_uv) - sum_{v in U2 n N(u), u>v} PRG(s_uv)
                  (mod 2^k), with s_uv = HKDF-SHA256(X25519(s_u, S_v), round, min(u,v), max(u,v)).
-                 Server: `unmask_request` names the survivors U3 (inputs received) and the
-                 dropped D = U2 \\ U3 (shared keys, sent no input).
- 3. unmasking:   each responder reveals its share of b_u for u in U3 and of s_u for u in D, never
-                 both for the same u. Server: `aggregate` rebuilds b_u (u in U3) and s_u (u in D)
-                 from >= t shares, strips PRG(b_u) and the survivors' pairwise masks with dropped
-                 devices, and decodes sum_{u in U3} x_u. Fewer than t shares anywhere raises
-                 `SecAggError` and nothing is returned.
+                 Server: `consistency_request` names the survivors U3 (inputs received).
+ 2'. consistency: every u in U3 signs (round, graph seed, sorted U3) with its identity key, once
+                 (`sign_survivors`). Server: `unmask_request` relays the signatures with U3 and the
+                 dropped D = U2 \\ U3. Device: `check_consistency` needs >= t valid signatures over
+                 exactly the U3 it signed, from distinct identity keys of N(u) + u verified in step 0.
+ 3. unmasking:   u reveals its share of b_v for v in U3 and of s_v for v in D, never both for one v
+                 (`unmask`), and refuses unless >= t of N(u) + u survived. Server: `aggregate`
+                 rebuilds b_u (u in U3) and s_d (d in D) from >= t shares, strips PRG(b_u) and the
+                 survivors' pairwise masks with dropped devices, and decodes sum_{u in U3} x_u.
+                 Fewer than t shares anywhere raises `SecAggError` and nothing is returned.
+
+Why a device needs t signatures over its U3: a server that told two devices different survivor
+sets could ask one for b_v's share (v survived) and another for s_v's (v dropped); each honest
+device signs one U3 only, so two sets cannot both gather t signatures in one neighbourhood when t
+is a majority of it. Binding the graph seed into the signature makes every signer vouch for the same
+cohort list too.
+
+SecAgg+ graph and threshold. With privacy.secagg_degree = 0 every device neighbours every other
+(t = floor(n/2) + 1, Bonawitz et al. 2017, Thm 6.2's t > n/2). Otherwise the graph is the Harary
+graph H_{2h,n}: a ring in cohort order permuted by the seed, u linked to the h nearest on each side, with
+    h = max(ceil(secagg_degree / 2), ceil(LOG_FACTOR * log2 n)),      LOG_FACTOR = 1
+so the degree 2h grows as O(log n), as Bell et al. 2020 require (Sec. 3: k = O(log n) neighbours keep
+the graph connected and each neighbourhood honest-majority with high probability); the configured
+degree is a minimum. The server cannot pick the permutation: the seed is a hash of all the signed
+adverts, fixed once the keys are. (It can still choose which advertisers make the cohort; each
+choice gives one graph, and the threshold argument below holds for every graph.)
+Threshold for a sparse graph, t = h + 2 (`threshold_floor`). An edge of H_{2h,n} spans at most h
+ring positions, so h consecutive devices that drop (or that the server calls dropped) cut the ring
+there, and two such runs split it into arcs with no pairwise mask between them: each arc's sum could
+be unmasked on its own (an exact 3-device sum at n = 20, h = 2). A device next to a run has h of its
+2h + 1 neighbourhood positions in the run, so at most h + 1 survivors; with t >= h + 2 its b_u
+cannot be rebuilt from survivors' shares (each arc stays masked by its boundary devices' PRG(b_u)),
+and the device itself refuses to unmask. t = h + 2 is also a majority of the 2h + 1 (> h + 1/2),
+which keeps the two-views argument above. The price: a device tolerates h - 1 dropouts among its
+2h neighbours, where a bare majority tolerated h; a neighbourhood below t could not be unmasked anyway.
+
+What the signatures rest on: the identity keys are those the devices registered with the server
+(pocketfed.protocol.auth; the same key signs requests, under another prefix). They stop a server
+from swapping an honest device's round keys; a server that enrols identities of its own (Sybils)
+is out of scope here, as in Bonawitz et al., whose active-adversary proof assumes a PKI.
 
 PRG(seed) is AES-256-CTR keyed by the 32-byte seed (zero nonce; each seed is used once), read as
 little-endian words and reduced mod 2^k. A masked vector y_u alone is uniform on Z_{2^k}^d.
@@ -47,9 +89,12 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from typing import Any, TypeVar
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -63,11 +108,15 @@ RandomBytes = Callable[[int], bytes]
 PRIME = 2**521 - 1  # Mersenne prime; the Shamir field GF(p) holds any 32-byte secret.
 _FIELD_BYTES = 66  # ceil(521 / 8)
 FIELD_BYTES = _FIELD_BYTES  # one Shamir share y on the wire, big-endian
-PUBLIC_KEY_BYTES = 32  # an X25519 public key
+PUBLIC_KEY_BYTES = 32  # an X25519 or Ed25519 public key
+SIGNATURE_BYTES = 64  # an Ed25519 signature
+SEED_BYTES = 32  # the SecAgg+ graph seed (SHA-256)
 SHARE_NONCE_BYTES = 12  # AES-GCM nonce
 SHARE_CIPHERTEXT_BYTES = 8 + 2 * _FIELD_BYTES + 16  # sender, recipient, share(s_u), share(b_u), GCM tag
+LOG_FACTOR = 1.0  # SecAgg+ half-degree h >= ceil(LOG_FACTOR * log2 n); see the module docstring
 _MAX_BITS = 54  # sums below 2^53 convert to float64 exactly
 _VERSION = b"pocketfed/secagg/v1/"
+_T = TypeVar("_T")
 
 
 class SecAggError(Exception):
@@ -199,12 +248,72 @@ def _point(device_id: int) -> int:
     return device_id + 1  # x = 0 is the secret itself
 
 
+
+# --------------------------------------------------------------------------- graph and threshold
+
+
+def graph_degree(cohort_size: int, configured: int) -> int:
+    """The SecAgg+ degree 2h for n devices, h = max(ceil(configured / 2), ceil(LOG_FACTOR log2 n)),
+    or 0 (every device neighbours every other) when `configured` is 0 or 2h >= n - 1."""
+    if configured < 0 or cohort_size < 1:
+        raise ValueError(f"secagg_degree must be >= 0 (0 = the full graph), got {configured}")
+    if configured == 0:
+        return 0
+    half = max(math.ceil(configured / 2), math.ceil(LOG_FACTOR * math.log2(max(cohort_size, 2))))
+    return 0 if 2 * half >= cohort_size - 1 else 2 * half
+
+
+def _is_full(cohort_size: int, degree: int) -> bool:
+    return degree == 0 or degree >= cohort_size - 1
+
+
+def threshold_floor(cohort_size: int, degree: int) -> int:
+    """The smallest t a device accepts: floor(n/2) + 1 on the full graph (degree 0), h + 2 on
+    H_{2h,n} (h = ceil(degree / 2)), so that a run of h dropped devices, which cuts the ring,
+    leaves the devices beside it below t (module docstring)."""
+    if _is_full(cohort_size, degree):
+        return cohort_size // 2 + 1
+    return math.ceil(degree / 2) + 2
+
+
+def default_threshold(cohort_size: int, configured_degree: int | None) -> int:
+    """t for n devices and the configured SecAgg+ degree (a minimum): the floor of the graph used."""
+    return threshold_floor(cohort_size, graph_degree(cohort_size, configured_degree or 0))
+
+
+def neighbour_graph(device_ids: Sequence[int], degree: int | None, seed: bytes) -> dict[int, frozenset[int]]:
+    """N(u) for every u: everyone else when degree is 0/None or >= n - 1; otherwise the Harary graph
+    H_{2h,n} (u linked to the h nearest on each side of a ring, h = ceil(degree / 2)) over a
+    permutation drawn from `seed` (public randomness), as in SecAgg+ (Bell et al., 2020)."""
+    ids = sorted(set(device_ids))
+    n = len(ids)
+    if not degree or degree >= n - 1:
+        return {u: frozenset(ids) - {u} for u in ids}
+    if degree < 1:
+        raise ValueError(f"degree must be at least 1, got {degree}")
+    ring = ring_order(ids, seed)
+    half = math.ceil(degree / 2)
+    graph: dict[int, set[int]] = {u: set() for u in ids}
+    for i, u in enumerate(ring):
+        for j in range(1, half + 1):
+            v = ring[(i + j) % n]
+            graph[u].add(v)
+            graph[v].add(u)
+    return {u: frozenset(vs) for u, vs in graph.items()}
+
+
+def ring_order(device_ids: Iterable[int], seed: bytes) -> list[int]:
+    """The SecAgg+ ring: the ids sorted by SHA-256(seed || id)."""
+    return sorted(device_ids, key=lambda u: hashlib.sha256(seed + struct.pack(">I", u)).digest())
+
+
 # --------------------------------------------------------------------------- messages
 
 
 @dataclasses.dataclass(frozen=True)
 class SecAggConfig:
-    """What every party agrees on before the round: it fixes k and the threshold t."""
+    """What every party agrees on before step 1: it fixes k, the threshold t and the graph degree
+    (0: the full graph; else the SecAgg+ degree 2h actually used, see `graph_degree`)."""
 
     round_id: int
     cohort_size: int
@@ -212,13 +321,17 @@ class SecAggConfig:
     threshold: int
     clip_norm: float = 1.0
     frac_bits: int = 16
+    degree: int = 0
 
     def __post_init__(self) -> None:
         if self.threshold < 2 or self.threshold > self.cohort_size:
             raise ValueError(f"threshold must be in [2, cohort_size={self.cohort_size}], "
                              f"got {self.threshold}")
-        if self.clip_norm <= 0 or self.frac_bits < 0 or self.dimension < 1:
-            raise ValueError("clip_norm and dimension must be positive, frac_bits non-negative")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)) or self.frac_bits < 0 or self.dimension < 1:
+            raise ValueError(f"clip_norm ({self.clip_norm}) and dimension ({self.dimension}) must be positive, "
+                             f"frac_bits ({self.frac_bits}) non-negative")
+        if self.degree < 0:
+            raise ValueError(f"degree must be >= 0 (0 = the full graph), got {self.degree}")
         if self.bits > _MAX_BITS:
             raise ValueError(f"the sum needs {self.bits} bits > {_MAX_BITS}: lower frac_bits "
                              f"or the clip norm")
@@ -229,26 +342,48 @@ class SecAggConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoundKeys:
+    """Step 0's two X25519 key pairs: (c_u, C_u) for the share channels, (s_u, S_u) for masks."""
+
+    enc_private: bytes
+    enc_public: bytes
+    mask_private: bytes
+    mask_public: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class AdvertiseKeys:
-    """Step 0, device -> server: two X25519 public keys (32 bytes each)."""
+    """Step 0, device -> server: two X25519 public keys signed with the device's Ed25519 identity.
+    The device's index is its position in the cohort (`order_cohort`), so the signature covers the
+    identity key, not an index the device does not know yet."""
 
     round_id: int
-    device_id: int
+    identity_public: bytes
     enc_public: bytes
     mask_public: bytes
+    signature: bytes
 
     @property
     def nbytes(self) -> int:
-        return len(self.enc_public) + len(self.mask_public)
+        """What the device sends: the identity key is the server's already (registration)."""
+        return len(self.enc_public) + len(self.mask_public) + len(self.signature)
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyDirectory:
-    """Step 0, server -> device u: the public keys of u's neighbours, {v: (C_v, S_v)}."""
+    """Step 0, server -> device u: the cohort's signed adverts in index order, the graph seed the
+    server derived from them and the neighbours N(u) it claims; u checks all three."""
 
     round_id: int
     device_id: int
-    neighbours: Mapping[int, tuple[bytes, bytes]]
+    cohort: tuple[AdvertiseKeys, ...]
+    seed: bytes
+    neighbours: frozenset[int]
+
+    @property
+    def nbytes(self) -> int:
+        per = 3 * PUBLIC_KEY_BYTES + SIGNATURE_BYTES
+        return len(self.cohort) * per + len(self.seed) + 4 * len(self.neighbours)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +417,10 @@ class SharesForDevice:
     recipient: int
     shares: tuple[EncryptedShare, ...]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(4 + len(s.nonce) + len(s.ciphertext) for s in self.shares)
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskedInput:
@@ -297,12 +436,38 @@ class MaskedInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConsistencyRequest:
+    """Step 2', server -> devices in U3: who sent masked inputs."""
+
+    round_id: int
+    survivors: frozenset[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencySignature:
+    """Step 2', device -> server: Ed25519 over (round, graph seed, sorted U3)."""
+
+    round_id: int
+    device_id: int
+    signature: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.signature)
+
+
+@dataclasses.dataclass(frozen=True)
 class UnmaskRequest:
-    """Step 3, server -> devices: who sent masked inputs (U3) and who dropped after sharing (D)."""
+    """Step 3, server -> devices: U3, the dropped D = U2 \\ U3, and U3's signatures over U3 {v: sig}."""
 
     round_id: int
     survivors: frozenset[int]
     dropped: frozenset[int]
+    signatures: Mapping[int, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * (len(self.survivors) + len(self.dropped)) + (4 + SIGNATURE_BYTES) * len(self.signatures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,28 +486,77 @@ class UnmaskResponse:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceState:
-    """A device's secrets for one round; lives only on the device."""
+    """A device's secrets and what it verified, for one round; lives only on the device."""
 
     config: SecAggConfig
     device_id: int
-    enc_private: bytes
-    mask_private: bytes
+    keys: RoundKeys
+    identity: Ed25519PrivateKey
+    seed: bytes = b""  # the graph seed, once `check_directory` verified the cohort list
+    neighbours: Mapping[int, AdvertiseKeys] = dataclasses.field(default_factory=dict)  # N(u), verified
     self_seed: bytes = b""
-    neighbours: Mapping[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
     held: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # u -> (s, b)
+    masked: bool = False  # sent y_u
+    signed: frozenset[int] | None = None  # the U3 it signed (once)
+    confirmed: frozenset[int] | None = None  # the U3 that gathered t signatures
+
+    @property
+    def enc_private(self) -> bytes:
+        return self.keys.enc_private
+
+    @property
+    def mask_private(self) -> bytes:
+        return self.keys.mask_private
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def _public_raw(identity: Ed25519PrivateKey) -> bytes:
+    return identity.public_key().public_bytes_raw()
+
+
+def _verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+def advert_message(round_id: int, identity_public: bytes, enc_public: bytes, mask_public: bytes) -> bytes:
+    """What step 0 signs: the round, the signer's identity key and its two round keys."""
+    return _VERSION + b"advertise" + struct.pack(">Q", round_id) + identity_public + enc_public + mask_public
+
+
+def consistency_message(round_id: int, seed: bytes, survivors: AbstractSet[int]) -> bytes:
+    """What step 2' signs: the round, the graph seed (so the cohort list) and sorted U3."""
+    ids = sorted(survivors)
+    return _VERSION + b"consistency" + struct.pack(f">Q{len(seed)}sI{len(ids)}I", round_id, seed, len(ids), *ids)
+
+
+def verify_advert(advert: AdvertiseKeys) -> bool:
+    """Whether the advert's signature verifies under its identity key."""
+    return _verify(advert.identity_public, advert.signature, advert_message(
+        advert.round_id, advert.identity_public, advert.enc_public, advert.mask_public))
+
+
+def verify_survivors(identity_public: bytes, signature: bytes, round_id: int, seed: bytes,
+                     survivors: AbstractSet[int]) -> bool:
+    """Whether `signature` is `identity_public`'s step-2' signature over (round, seed, U3)."""
+    return _verify(identity_public, signature, consistency_message(round_id, seed, survivors))
+
+
+def graph_seed(round_id: int, cohort: Sequence[AdvertiseKeys]) -> bytes:
+    """SHA-256 of the cohort's signed adverts in index order: the SecAgg+ ring's public randomness,
+    fixed once the keys are (the server cannot draw it again until the graph suits it)."""
+    h = hashlib.sha256(_VERSION + b"graph-seed" + struct.pack(">QI", round_id, len(cohort)))
+    for a in cohort:
+        h.update(a.identity_public + a.enc_public + a.mask_public + a.signature)
+    return h.digest()
 
 
 # --------------------------------------------------------------------------- device side
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundKeys:
-    """Step 0's two X25519 key pairs: (c_u, C_u) for the share channels, (s_u, S_u) for masks."""
-
-    enc_private: bytes
-    enc_public: bytes
-    mask_private: bytes
-    mask_public: bytes
 
 
 def generate_keys(random_bytes: RandomBytes = os.urandom) -> RoundKeys:
@@ -356,44 +570,107 @@ def generate_keys(random_bytes: RandomBytes = os.urandom) -> RoundKeys:
     return RoundKeys(enc_private, enc_public, mask_private, mask_public)
 
 
-def begin(config: SecAggConfig, device_id: int, keys: RoundKeys) -> DeviceState:
-    """The device's state for the round: its index u, the agreed config and its private keys."""
-    return DeviceState(config, device_id, keys.enc_private, keys.mask_private)
+def advertise(round_id: int, keys: RoundKeys, identity: Ed25519PrivateKey) -> AdvertiseKeys:
+    """Step 0: the round keys, signed with the device's identity key."""
+    me = _public_raw(identity)
+    signature = identity.sign(advert_message(round_id, me, keys.enc_public, keys.mask_public))
+    return AdvertiseKeys(round_id, me, keys.enc_public, keys.mask_public, signature)
 
 
-def advertise(config: SecAggConfig, device_id: int, random_bytes: RandomBytes = os.urandom
-              ) -> tuple[DeviceState, AdvertiseKeys]:
-    """Step 0: fresh key pairs for this round."""
-    keys = generate_keys(random_bytes)
-    return begin(config, device_id, keys), AdvertiseKeys(config.round_id, device_id, keys.enc_public, keys.mask_public)
+def begin(config: SecAggConfig, device_id: int, keys: RoundKeys, identity: Ed25519PrivateKey) -> DeviceState:
+    """The device's state for the round: its index u, the agreed config, its keys and identity."""
+    return DeviceState(config, device_id, keys, identity)
 
 
-def share_keys(state: DeviceState, directory: KeyDirectory, random_bytes: RandomBytes = os.urandom
-               ) -> tuple[DeviceState, ShareKeys]:
-    """Step 1: draw b_u, Shamir-share s_u and b_u to N(u) + u, encrypt each pair for its holder."""
+def accept_config(config: SecAggConfig, *, round_id: int, dimension: int, min_degree: int, clip_norm: float,
+                  frac_bits: int) -> None:
+    """The device's own check of the round's parameters against its task (SecAggError if not):
+    its round and dimension; fixed point as the task says (frac_bits, and a clip bound no smaller
+    than the device's upload bound: a smaller one would clip away part of its noise share); a
+    graph at least as dense as `graph_degree(n, min_degree)`. t is checked in `check_directory`."""
+    problems = []
+    if config.round_id != round_id:
+        problems.append(f"round_id {config.round_id} != {round_id}")
+    if config.dimension != dimension:
+        problems.append(f"dimension {config.dimension} != the update's {dimension}")
+    if config.frac_bits != frac_bits:
+        problems.append(f"frac_bits {config.frac_bits} != the task's {frac_bits}")
+    if not config.clip_norm >= clip_norm * (1 - 1e-12):
+        problems.append(f"clip_norm {config.clip_norm} < the device's upload bound {clip_norm}")
+    need = graph_degree(config.cohort_size, min_degree)
+    if not _is_full(config.cohort_size, config.degree) and (need == 0 or config.degree < need):
+        problems.append(f"degree {config.degree} < {need or 'the full graph'} for {config.cohort_size} devices "
+                        f"(secagg_degree {min_degree})")
+    if problems:
+        raise SecAggError("refusing the round's secure-aggregation parameters: " + "; ".join(problems))
+
+
+def check_directory(state: DeviceState, directory: KeyDirectory) -> DeviceState:
+    """End of step 0 on the device: verify the cohort list, the graph and the threshold, or refuse.
+
+    Checks, each a SecAggError: round and index; n = config.cohort_size; identity keys strictly
+    increasing (distinct, and no choice of order for the server); entry u is this device's own;
+    the seed is `graph_seed` of the list; N(u) is the graph's; every neighbour's advert signed by
+    its identity key for this round; t >= `threshold_floor(n, degree)` and N(u) + u can hold t
+    shares. Only N(u)'s signatures are verified (O(log n) of them under SecAgg+): a doctored entry
+    elsewhere is its own neighbours' to refuse, and the consistency signatures bind every signer to
+    this same list (the seed).
+    """
     cfg, u = state.config, state.device_id
+    n = cfg.cohort_size
     if directory.round_id != cfg.round_id or directory.device_id != u:
         raise SecAggError(f"device {u}: key directory is for another round or device")
-    if len(directory.neighbours) + 1 < cfg.threshold:
-        raise SecAggError(f"device {u}: {len(directory.neighbours)} neighbours cannot hold "
-                          f"{cfg.threshold} shares")
+    if len(directory.cohort) != n or not 0 <= u < n:
+        raise SecAggError(f"device {u}: key directory lists {len(directory.cohort)} devices; cohort_size is {n}")
+    floor = threshold_floor(n, cfg.degree)
+    if cfg.threshold < floor:
+        raise SecAggError(f"device {u}: threshold {cfg.threshold} is below {floor}, the least this device "
+                          f"accepts for {n} devices at degree {cfg.degree or 'full'}")
+    for v, a in enumerate(directory.cohort):
+        if a.round_id != cfg.round_id:
+            raise SecAggError(f"device {u}: device {v}'s advert is for round {a.round_id}")
+        if v and a.identity_public <= directory.cohort[v - 1].identity_public:
+            raise SecAggError(f"device {u}: the cohort's identity keys are duplicated or out of order at {v}")
+    mine = directory.cohort[u]
+    if (mine.identity_public, mine.enc_public, mine.mask_public) != (
+            _public_raw(state.identity), state.keys.enc_public, state.keys.mask_public):
+        raise SecAggError(f"device {u}: entry {u} of the key directory is not this device's keys")
+    seed = graph_seed(cfg.round_id, directory.cohort)
+    if seed != directory.seed:
+        raise SecAggError(f"device {u}: the graph seed is not the hash of the cohort's adverts")
+    neighbours = neighbour_graph(range(n), cfg.degree, seed)[u]
+    if neighbours != directory.neighbours:
+        raise SecAggError(f"device {u}: the server's neighbours {sorted(directory.neighbours)[:8]} are not "
+                          f"the graph's {sorted(neighbours)[:8]}")
+    for v in sorted(neighbours):
+        if not verify_advert(directory.cohort[v]):
+            raise SecAggError(f"device {u}: device {v}'s advertised keys are not signed by its identity key "
+                              f"for round {cfg.round_id} (substituted keys?)")
+    if len(neighbours) + 1 < cfg.threshold:
+        raise SecAggError(f"device {u}: {len(neighbours)} neighbours cannot hold {cfg.threshold} shares")
+    return dataclasses.replace(state, seed=seed, neighbours={v: directory.cohort[v] for v in neighbours})
+
+
+def share_keys(state: DeviceState, random_bytes: RandomBytes = os.urandom) -> tuple[DeviceState, ShareKeys]:
+    """Step 1: draw b_u, Shamir-share s_u and b_u to N(u) + u, encrypt each pair for its holder."""
+    cfg, u = state.config, state.device_id
+    if not state.seed:
+        raise SecAggError(f"device {u}: no verified key directory (call check_directory first)")
     self_seed = random_bytes(32)
-    holders = sorted(set(directory.neighbours) | {u})
+    holders = sorted(set(state.neighbours) | {u})
     xs = [_point(v) for v in holders]
     s_shares = shamir_split(int.from_bytes(state.mask_private, "big"), cfg.threshold, xs, random_bytes)
     b_shares = shamir_split(int.from_bytes(self_seed, "big"), cfg.threshold, xs, random_bytes)
-    own_enc_public = X25519PrivateKey.from_private_bytes(state.enc_private).public_key().public_bytes_raw()
     out = []
     for v in holders:
-        their_enc = own_enc_public if v == u else directory.neighbours[v][0]
+        their_enc = state.keys.enc_public if v == u else state.neighbours[v].enc_public
         key = _channel_key(state.enc_private, their_enc, cfg.round_id, u, v)
         plaintext = struct.pack(">II", u, v) + s_shares[_point(v)].to_bytes(_FIELD_BYTES, "big") \
             + b_shares[_point(v)].to_bytes(_FIELD_BYTES, "big")
         nonce = random_bytes(12)
         aad = _VERSION + struct.pack(">QII", cfg.round_id, u, v)
         out.append(EncryptedShare(u, v, nonce, AESGCM(key).encrypt(nonce, plaintext, aad)))
-    new_state = dataclasses.replace(state, self_seed=self_seed, neighbours=dict(directory.neighbours))
-    return new_state, ShareKeys(cfg.round_id, u, tuple(out))
+    return dataclasses.replace(state, self_seed=self_seed), ShareKeys(cfg.round_id, u, tuple(out))
 
 
 def _open_share(state: DeviceState, share: EncryptedShare, sender_enc_public: bytes) -> tuple[int, int]:
@@ -416,45 +693,101 @@ def mask_input(state: DeviceState, bundle: SharesForDevice, vector: np.ndarray
                ) -> tuple[DeviceState, MaskedInput]:
     """Step 2: keep the shares received, then y_u = encode(x_u) + PRG(b_u) +- PRG(s_uv) mod 2^k.
 
-    Pairwise masks are added only for neighbours whose shares arrived (U2 in the paper).
+    Refuses (SecAggError) with fewer than t valid shares, its own included (|U2| >= t in
+    Bonawitz et al. 2017): otherwise a server that withheld them would get y_u masked by PRG(b_u)
+    alone and could then ask u's neighbours for b_u. Pairwise masks are added only for neighbours
+    whose shares arrived (U2 as u sees it).
     """
     cfg, u = state.config, state.device_id
     if bundle.round_id != cfg.round_id or bundle.recipient != u:
         raise SecAggError(f"device {u}: share bundle is for another round or device")
     if vector.shape != (cfg.dimension,):
         raise SecAggError(f"device {u}: vector shape {vector.shape} != ({cfg.dimension},)")
-    own_enc = X25519PrivateKey.from_private_bytes(state.enc_private).public_key().public_bytes_raw()
-    held = {}
+    if not state.self_seed or state.masked:
+        raise SecAggError(f"device {u}: masks its input once, after sharing its keys")
+    held: dict[int, tuple[int, int]] = {}
     for share in bundle.shares:
         if share.sender != u and share.sender not in state.neighbours:
             raise SecAggError(f"device {u}: share from {share.sender}, who is not a neighbour")
-        sender_enc = own_enc if share.sender == u else state.neighbours[share.sender][0]
+        if share.sender in held:
+            raise SecAggError(f"device {u}: two shares from {share.sender}")
+        sender_enc = state.keys.enc_public if share.sender == u else state.neighbours[share.sender].enc_public
         held[share.sender] = _open_share(state, share, sender_enc)
+    if len(held) < cfg.threshold:
+        raise SecAggError(f"device {u}: received {len(held)} valid shares (itself included); threshold is "
+                          f"{cfg.threshold}: refusing to send its masked input")
     bits, mask = cfg.bits, _dtype(cfg.bits)(2**cfg.bits - 1)
     y = encode(vector, cfg.clip_norm, cfg.frac_bits, bits)
     y += expand_mask(state.self_seed, cfg.dimension, bits)
     for v in sorted(held):
         if v == u:
             continue
-        seed = agree_seed(state.mask_private, state.neighbours[v][1], cfg.round_id, u, v)
+        seed = agree_seed(state.mask_private, state.neighbours[v].mask_public, cfg.round_id, u, v)
         if u < v:
             y += expand_mask(seed, cfg.dimension, bits)
         else:
             y -= expand_mask(seed, cfg.dimension, bits)
     y &= mask
-    return dataclasses.replace(state, held=held), MaskedInput(cfg.round_id, u, y)
+    return dataclasses.replace(state, held=held, masked=True), MaskedInput(cfg.round_id, u, y)
+
+
+def sign_survivors(state: DeviceState, request: ConsistencyRequest) -> tuple[DeviceState, ConsistencySignature]:
+    """Step 2': sign (round, graph seed, U3), once, if u sent its input, is in U3 and |U3| >= t."""
+    cfg, u = state.config, state.device_id
+    survivors = frozenset(request.survivors)
+    if request.round_id != cfg.round_id:
+        raise SecAggError(f"device {u}: consistency request is for round {request.round_id}")
+    if not state.masked or u not in survivors:
+        raise SecAggError(f"device {u}: signs a survivor set only after its masked input, and only one naming it")
+    if len(survivors) < cfg.threshold or not survivors <= set(range(cfg.cohort_size)):
+        raise SecAggError(f"device {u}: refusing to sign {len(survivors)} survivors (threshold {cfg.threshold}, "
+                          f"cohort 0..{cfg.cohort_size - 1})")
+    if state.signed is not None and state.signed != survivors:
+        raise SecAggError(f"device {u}: already signed another survivor set this round")
+    signature = state.identity.sign(consistency_message(cfg.round_id, state.seed, survivors))
+    return dataclasses.replace(state, signed=survivors), ConsistencySignature(cfg.round_id, u, signature)
+
+
+def check_consistency(state: DeviceState, request: UnmaskRequest) -> DeviceState:
+    """Start of step 3: the U3 of the request is the one u signed, and >= t devices of N(u) + u
+    signed exactly it with the identity keys u verified in step 0 (Bonawitz et al. 2017, Fig. 4,
+    ConsistencyCheck). Keys are distinct (step 0), so t signatures are t devices."""
+    cfg, u = state.config, state.device_id
+    if request.round_id != cfg.round_id:
+        raise SecAggError(f"device {u}: unmask request is for round {request.round_id}")
+    if state.signed is None or frozenset(request.survivors) != state.signed:
+        raise SecAggError(f"device {u}: the survivors to unmask are not the set it signed")
+    identities = {v: a.identity_public for v, a in state.neighbours.items()}
+    identities[u] = _public_raw(state.identity)
+    valid = [v for v, sig in request.signatures.items()
+             if v in identities and v in state.signed
+             and verify_survivors(identities[v], sig, cfg.round_id, state.seed, state.signed)]
+    if len(valid) < cfg.threshold:
+        raise SecAggError(f"device {u}: {len(valid)} of its neighbourhood signed this survivor set; threshold is "
+                          f"{cfg.threshold}: refusing to unmask (the server may have told devices different sets)")
+    return dataclasses.replace(state, confirmed=state.signed)
 
 
 def unmask(state: DeviceState, request: UnmaskRequest) -> UnmaskResponse:
-    """Step 3: reveal b-shares for survivors and s-shares for the dropped, never both for one u."""
+    """Step 3: reveal b-shares for survivors and s-shares for the dropped, never both for one u.
+
+    Refuses unless `check_consistency` confirmed this U3, D is disjoint from it, and >= t of
+    N(u) + u survived (fewer means a run of dropouts cuts the SecAgg+ ring next to u; module
+    docstring). The last is implied by the t signatures, which come from survivors of N(u) + u;
+    it is checked again so that this function's refusal does not rest on the caller's order.
+    """
     cfg, u = state.config, state.device_id
     if request.round_id != cfg.round_id:
         raise SecAggError(f"device {u}: unmask request is for round {request.round_id}")
     if request.survivors & request.dropped:
         raise SecAggError(f"device {u}: devices {sorted(request.survivors & request.dropped)} "
                           f"are listed as both surviving and dropped")
-    if u not in request.survivors or len(request.survivors) < cfg.threshold:
-        raise SecAggError(f"device {u}: refusing to unmask with {len(request.survivors)} survivors")
+    if state.confirmed is None or frozenset(request.survivors) != state.confirmed:
+        raise SecAggError(f"device {u}: refusing to unmask a survivor set without t signatures over it")
+    near = (set(state.neighbours) | {u}) & request.survivors
+    if len(near) < cfg.threshold:
+        raise SecAggError(f"device {u}: only {len(near)} of its neighbourhood survived; threshold is "
+                          f"{cfg.threshold}: refusing to unmask")
     b_shares = {v: pair[1] for v, pair in state.held.items() if v in request.survivors}
     s_shares = {v: pair[0] for v, pair in state.held.items() if v in request.dropped}
     return UnmaskResponse(cfg.round_id, u, b_shares, s_shares)
@@ -463,49 +796,38 @@ def unmask(state: DeviceState, request: UnmaskRequest) -> UnmaskResponse:
 # --------------------------------------------------------------------------- server side
 
 
-def neighbour_graph(device_ids: Sequence[int], degree: int | None, seed: bytes) -> dict[int, frozenset[int]]:
-    """N(u) for every u: everyone else when degree is None or >= n - 1; otherwise a Harary graph
-    H_{2h,n} (u linked to the h nearest on each side of a ring, h = ceil(degree / 2)) over a
-    permutation drawn from `seed` (public randomness), as in SecAgg+ (Bell et al., 2020)."""
-    ids = sorted(set(device_ids))
-    n = len(ids)
-    if degree is None or degree >= n - 1:
-        return {u: frozenset(ids) - {u} for u in ids}
-    if degree < 1:
-        raise ValueError(f"degree must be at least 1, got {degree}")
-    ring = sorted(ids, key=lambda u: hashlib.sha256(seed + struct.pack(">I", u)).digest())
-    half = math.ceil(degree / 2)
-    graph: dict[int, set[int]] = {u: set() for u in ids}
-    for i, u in enumerate(ring):
-        for j in range(1, half + 1):
-            v = ring[(i + j) % n]
-            graph[u].add(v)
-            graph[v].add(u)
-    return {u: frozenset(vs) for u, vs in graph.items()}
+def order_cohort(round_id: int, adverts: Iterable[AdvertiseKeys]) -> tuple[AdvertiseKeys, ...]:
+    """Step 0 (server): the cohort U1 in index order (by identity key). An honest server verifies
+    each advert as it arrives (`verify_advert`), so that no device trips on junk; the devices do not
+    rely on it (`check_directory`)."""
+    cohort = sorted(adverts, key=lambda a: a.identity_public)
+    for i, a in enumerate(cohort):
+        if a.round_id != round_id:
+            raise SecAggError(f"an advert for round {a.round_id} in round {round_id}")
+        if i and a.identity_public == cohort[i - 1].identity_public:
+            raise SecAggError("two adverts carry the same identity key")
+    return tuple(cohort)
 
 
-def default_threshold(cohort_size: int, degree: int | None) -> int:
-    """t = floor(m / 2) + 1, a majority of the neighbourhood, m = min(n, 2 ceil(degree / 2) + 1).
-
-    A majority keeps an honest-but-curious server from getting both b_u and s_u of one device
-    (Bonawitz et al. 2017, Thm 6.2 needs t > n / 2 against a server that lies about dropouts).
-    """
-    graph_size = cohort_size if not degree else min(cohort_size, 2 * math.ceil(degree / 2) + 1)
-    return graph_size // 2 + 1
+def cohort_graph(config: SecAggConfig, cohort: Sequence[AdvertiseKeys]) -> dict[int, frozenset[int]]:
+    """N(u) for the cohort: the graph of `config.degree` over the seed the adverts fix."""
+    return neighbour_graph(range(len(cohort)), config.degree, graph_seed(config.round_id, cohort))
 
 
-def key_directories(config: SecAggConfig, adverts: Sequence[AdvertiseKeys],
-                    graph: Mapping[int, frozenset[int]]) -> dict[int, KeyDirectory]:
-    """Step 0 (server): after >= t adverts, give each u the keys of its advertised neighbours."""
-    keys = {a.device_id: (a.enc_public, a.mask_public) for a in adverts if a.round_id == config.round_id}
-    if len(keys) < config.threshold:
-        raise SecAggError(f"only {len(keys)} devices advertised keys; threshold is {config.threshold}")
-    smallest = min(len(graph[u]) + 1 for u in keys)
+def key_directories(config: SecAggConfig, cohort: Sequence[AdvertiseKeys]) -> dict[int, KeyDirectory]:
+    """Step 0 (server): after >= t adverts, give each u the signed list, the seed and N(u)."""
+    n = len(cohort)
+    if n < config.threshold or n != config.cohort_size:
+        raise SecAggError(f"{n} devices advertised keys; cohort_size is {config.cohort_size}, "
+                          f"threshold is {config.threshold}")
+    seed = graph_seed(config.round_id, cohort)
+    graph = neighbour_graph(range(n), config.degree, seed)
+    smallest = min(len(vs) + 1 for vs in graph.values())
     if smallest < config.threshold:
         raise SecAggError(f"a neighbourhood of {smallest} devices cannot hold {config.threshold} "
                           f"shares: raise the degree or lower the threshold")
-    return {u: KeyDirectory(config.round_id, u, {v: keys[v] for v in graph[u] if v in keys})
-            for u in keys}
+    frozen = tuple(cohort)
+    return {u: KeyDirectory(config.round_id, u, frozen, seed, graph[u]) for u in range(n)}
 
 
 def route_shares(config: SecAggConfig, messages: Sequence[ShareKeys]) -> dict[int, SharesForDevice]:
@@ -523,15 +845,30 @@ def route_shares(config: SecAggConfig, messages: Sequence[ShareKeys]) -> dict[in
     return {u: SharesForDevice(config.round_id, u, tuple(s)) for u, s in inbox.items()}
 
 
-def unmask_request(config: SecAggConfig, masked: Sequence[MaskedInput], shared: AbstractSet[int]
-                   ) -> UnmaskRequest:
-    """Step 2 (server): U3 = devices whose masked input arrived; D = U2 \\ U3."""
+def consistency_request(config: SecAggConfig, masked: Sequence[MaskedInput], shared: AbstractSet[int]
+                        ) -> ConsistencyRequest:
+    """Step 2 (server): U3 = devices whose masked input arrived."""
     survivors = frozenset(m.device_id for m in masked)
     if not survivors <= shared:
         raise SecAggError(f"masked inputs from devices that did not share keys: {sorted(survivors - shared)}")
     if len(survivors) < config.threshold:
         raise SecAggError(f"only {len(survivors)} masked inputs arrived; threshold is {config.threshold}")
-    return UnmaskRequest(config.round_id, survivors, frozenset(shared) - survivors)
+    return ConsistencyRequest(config.round_id, survivors)
+
+
+def unmask_request(config: SecAggConfig, cohort: Sequence[AdvertiseKeys], request: ConsistencyRequest,
+                   signatures: Sequence[ConsistencySignature], shared: AbstractSet[int]) -> UnmaskRequest:
+    """Step 2' (server): the valid signatures over U3 (an honest server relays no junk), U3 and
+    D = U2 \\ U3; fewer than t signers fails the round."""
+    seed = graph_seed(config.round_id, cohort)
+    valid = {s.device_id: s.signature for s in signatures
+             if s.device_id in request.survivors and s.round_id == config.round_id
+             and verify_survivors(cohort[s.device_id].identity_public, s.signature, config.round_id, seed,
+                                  request.survivors)}
+    if len(valid) < config.threshold:
+        raise SecAggError(f"only {len(valid)} of {len(request.survivors)} survivors signed the survivor set; "
+                          f"threshold is {config.threshold}")
+    return UnmaskRequest(config.round_id, request.survivors, frozenset(shared) - request.survivors, valid)
 
 
 def _reconstruct(config: SecAggConfig, owner: int, shares: Mapping[int, int], what: str) -> bytes:
@@ -545,19 +882,18 @@ def _reconstruct(config: SecAggConfig, owner: int, shares: Mapping[int, int], wh
     return secret.to_bytes(32, "big")
 
 
-def aggregate(config: SecAggConfig, adverts: Sequence[AdvertiseKeys], graph: Mapping[int, frozenset[int]],
+def aggregate(config: SecAggConfig, cohort: Sequence[AdvertiseKeys], graph: Mapping[int, frozenset[int]],
               masked: Sequence[MaskedInput], request: UnmaskRequest,
               responses: Sequence[UnmaskResponse]) -> np.ndarray:
     """Step 3 (server): sum_{u in U3} y_u - PRG(b_u) -+ masks with D, decoded to float64 [D].
 
-    Raises SecAggError, releasing nothing, if fewer than t devices answered or any needed secret
+    Raises SecAggError, releasing nothing, if fewer than t signers answered or any needed secret
     has fewer than t shares.
     """
-    responders = {r.device_id: r for r in responses if r.device_id in request.survivors}
+    responders = {r.device_id: r for r in responses if r.device_id in request.signatures}
     if len(responders) < config.threshold:
         raise SecAggError(f"only {len(responders)} devices answered the unmasking; threshold is "
                           f"{config.threshold}: the round fails, no sum is released")
-    mask_public = {a.device_id: a.mask_public for a in adverts}
     bits, dtype = config.bits, _dtype(config.bits)
     total = np.zeros(config.dimension, dtype=dtype)
     for m in masked:
@@ -573,7 +909,7 @@ def aggregate(config: SecAggConfig, adverts: Sequence[AdvertiseKeys], graph: Map
         shares = {v: r.key_shares[d] for v, r in responders.items() if d in r.key_shares}
         mask_private = _reconstruct(config, d, shares, "mask key")
         for v in partners:
-            seed = agree_seed(mask_private, mask_public[v], config.round_id, d, v)
+            seed = agree_seed(mask_private, cohort[v].mask_public, config.round_id, d, v)
             if v < d:  # v added +PRG(s_vd)
                 total -= expand_mask(seed, config.dimension, bits)
             else:
@@ -586,14 +922,28 @@ def aggregate(config: SecAggConfig, adverts: Sequence[AdvertiseKeys], graph: Map
 
 @dataclasses.dataclass(frozen=True)
 class RoundOutcome:
-    """What an in-process round returns: the sum, who is in it, and what it cost."""
+    """What an in-process round returns: the sum, who is in it, and what it cost, per party
+    (the caller's order: vectors[i] is party i). The `auth` figures are the part of the cost spent
+    on the active-adversary defences: signing and verifying adverts, the directory check, the
+    consistency round (signatures, their relay and check)."""
 
     total: np.ndarray  # [D] float64, sum of the clipped inputs of `included`
     included: frozenset[int]
     bits: int
+    degree: int  # the graph degree used (0: full)
+    threshold: int
     device_seconds: Mapping[int, float]
+    device_auth_seconds: Mapping[int, float]
     device_bytes_sent: Mapping[int, int]
+    device_auth_bytes_sent: Mapping[int, int]
+    device_bytes_received: Mapping[int, int]
     server_seconds: float
+    server_auth_seconds: float
+
+
+def seeded_identity(seed: int, label: str) -> Ed25519PrivateKey:
+    """A deterministic Ed25519 identity for tests: never use outside tests."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.shake_256(f"{seed}/{label}/identity".encode()).digest(32))
 
 
 def simulate_round(
@@ -601,46 +951,72 @@ def simulate_round(
     threshold: int | None = None, neighbours: int | None = None, round_id: int = 0,
     dropout_before_masking: AbstractSet[int] = frozenset(),
     dropout_after_masking: AbstractSet[int] = frozenset(),
+    identities: Sequence[Ed25519PrivateKey] | None = None,
     rng_seed_for_tests: int | None = None,
 ) -> RoundOutcome:
     """Run every party of one round in this process, timing devices and server apart.
 
-    Device ids are 0..n-1. `dropout_before_masking`: shared keys, never sent a masked input (their
-    pairwise masks are removed; they are not in the sum). `dropout_after_masking`: sent a masked
-    input, then never answered the unmasking (they are in the sum). `threshold` defaults to a
-    majority of the neighbourhood, floor(m/2) + 1 with m = min(n, neighbours + 1).
+    Party i holds vectors[i] and identities[i] (fresh Ed25519 keys when None); its cohort index
+    is the rank of its identity key. `neighbours`: the configured SecAgg+ degree, a minimum
+    (`graph_degree`; None or 0 = the full graph). `threshold` defaults to `threshold_floor`; a lower
+    one is refused by the devices. `dropout_before_masking`: shared keys, never sent a masked input
+    (their pairwise masks are removed; they are not in the sum). `dropout_after_masking`: sent a
+    masked input, then answered nothing more (they are in the sum). The devices run the same checks
+    as in a deployment, `accept_config` included.
     """
     n = len(vectors)
     dim = int(np.asarray(vectors[0]).size)
-    t = threshold if threshold is not None else default_threshold(n, neighbours)
-    config = SecAggConfig(round_id, n, dim, t, clip_norm, frac_bits)
+    degree = graph_degree(n, neighbours or 0)
+    t = threshold if threshold is not None else threshold_floor(n, degree)
+    config = SecAggConfig(round_id, n, dim, t, clip_norm, frac_bits, degree)
 
     def source(label: str) -> RandomBytes:
         return os.urandom if rng_seed_for_tests is None else seeded_random_bytes(rng_seed_for_tests, label)
 
-    seconds = dict.fromkeys(range(n), 0.0)
-    sent = dict.fromkeys(range(n), 0)
-    server = 0.0
+    if identities is None:
+        identities = [Ed25519PrivateKey.generate() if rng_seed_for_tests is None
+                      else seeded_identity(rng_seed_for_tests, f"device-{i}") for i in range(n)]
+    seconds, auth = dict.fromkeys(range(n), 0.0), dict.fromkeys(range(n), 0.0)
+    sent, auth_sent, received = dict.fromkeys(range(n), 0), dict.fromkeys(range(n), 0), dict.fromkeys(range(n), 0)
+    server = server_auth = 0.0
 
-    states, adverts = {}, []
-    for u in range(n):
+    def timed(party: int, fn: Callable[..., _T], *args: Any, is_auth: bool = False, **kwargs: Any) -> _T:
         start = time.perf_counter()
-        states[u], advert = advertise(config, u, source(f"device-{u}"))
-        seconds[u] += time.perf_counter() - start
-        sent[u] += advert.nbytes
+        out = fn(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        seconds[party] += elapsed
+        if is_auth:
+            auth[party] += elapsed
+        return out
+
+    keys, adverts = {}, []
+    for i in range(n):
+        keys[i] = timed(i, generate_keys, source(f"device-{i}"))
+        advert = timed(i, advertise, round_id, keys[i], identities[i], is_auth=True)
+        sent[i] += advert.nbytes
+        auth_sent[i] += len(advert.signature)
         adverts.append(advert)
 
     start = time.perf_counter()
-    graph = neighbour_graph(range(n), neighbours, source("server")(32))
-    directories = key_directories(config, adverts, graph)
+    if not all(verify_advert(a) for a in adverts):  # on receipt, as the deployment does
+        raise SecAggError("an advert does not verify under its identity key")
+    server_auth += time.perf_counter() - start
+    cohort = order_cohort(round_id, adverts)
+    index = {a.identity_public: u for u, a in enumerate(cohort)}
+    party_of = {index[a.identity_public]: i for i, a in enumerate(adverts)}
+    directories = key_directories(config, cohort)
+    graph = {u: d.neighbours for u, d in directories.items()}
     server += time.perf_counter() - start
 
-    share_msgs = []
+    states, share_msgs = {}, []
     for u in range(n):
-        start = time.perf_counter()
-        states[u], msg = share_keys(states[u], directories[u], source(f"device-{u}-shares"))
-        seconds[u] += time.perf_counter() - start
-        sent[u] += msg.nbytes
+        i = party_of[u]
+        timed(i, accept_config, config, round_id=round_id, dimension=dim, min_degree=neighbours or 0,
+              clip_norm=clip_norm, frac_bits=frac_bits)
+        received[i] += directories[u].nbytes
+        states[u] = timed(i, check_directory, begin(config, u, keys[i], identities[i]), directories[u], is_auth=True)
+        states[u], msg = timed(i, share_keys, states[u], source(f"device-{i}-shares"))
+        sent[i] += msg.nbytes
         share_msgs.append(msg)
 
     start = time.perf_counter()
@@ -649,30 +1025,50 @@ def simulate_round(
 
     masked = []
     for u in range(n):
-        if u in dropout_before_masking:
+        i = party_of[u]
+        if i in dropout_before_masking:
             continue
-        start = time.perf_counter()
-        states[u], msg = mask_input(states[u], bundles[u], np.asarray(vectors[u]).ravel())
-        seconds[u] += time.perf_counter() - start
-        sent[u] += msg.nbytes
+        received[i] += bundles[u].nbytes
+        states[u], msg = timed(i, mask_input, states[u], bundles[u], np.asarray(vectors[i]).ravel())
+        sent[i] += msg.nbytes
         masked.append(msg)
 
     start = time.perf_counter()
-    request = unmask_request(config, masked, set(bundles))
+    request = consistency_request(config, masked, set(bundles))
     server += time.perf_counter() - start
 
+    signatures = []
+    answering = sorted(u for u in request.survivors if party_of[u] not in dropout_after_masking)
+    for u in answering:
+        i = party_of[u]
+        received[i] += 4 * len(request.survivors)
+        states[u], sig = timed(i, sign_survivors, states[u], request, is_auth=True)
+        sent[i] += sig.nbytes
+        auth_sent[i] += sig.nbytes
+        signatures.append(sig)
+
+    start = time.perf_counter()
+    unmasking = unmask_request(config, cohort, request, signatures, set(bundles))
+    elapsed = time.perf_counter() - start
+    server, server_auth = server + elapsed, server_auth + elapsed
+
     responses = []
-    for u in sorted(request.survivors - dropout_after_masking):
-        start = time.perf_counter()
-        response = unmask(states[u], request)
-        seconds[u] += time.perf_counter() - start
-        sent[u] += response.nbytes
+    for u in answering:
+        i = party_of[u]
+        mine = {v: s for v, s in unmasking.signatures.items() if v in graph[u] | {u}}  # what u is sent
+        view = dataclasses.replace(unmasking, signatures=mine)
+        received[i] += view.nbytes
+        states[u] = timed(i, check_consistency, states[u], view, is_auth=True)
+        response = timed(i, unmask, states[u], view)
+        sent[i] += response.nbytes
         responses.append(response)
 
     start = time.perf_counter()
-    total = aggregate(config, adverts, graph, masked, request, responses)
+    total = aggregate(config, cohort, graph, masked, unmasking, responses)
     server += time.perf_counter() - start
-    return RoundOutcome(total, request.survivors, config.bits, seconds, sent, server)
+    included = frozenset(party_of[u] for u in request.survivors)
+    return RoundOutcome(total, included, config.bits, degree, t, seconds, auth, sent, auth_sent, received,
+                        server, server_auth)
 
 
 def run_round(

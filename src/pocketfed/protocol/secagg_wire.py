@@ -5,12 +5,15 @@ fixed-size arrays, sent as a safetensors body, so the egress ledger checks it li
 (names, shapes, dtypes against a schema the device computes from the round) and the server
 parses it against the schema it computes from its own state:
 
-    step 0  keys      enc_public uint8[32], mask_public uint8[32]                (C_u, S_u)
+    step 0  keys      enc_public uint8[32], mask_public uint8[32],              (C_u, S_u, and Ed25519 over
+                      signature uint8[64]                                        round, identity, C_u, S_u)
     step 1  shares    share/<v> uint8[12 + 156] for v in N(u) + u                (nonce || AES-GCM ciphertext)
     step 2  masked    masked uint32[D] (k <= 32) or uint64[D]                    (y_u mod 2^k)
+    step 2' signature signature uint8[64]                                        (Ed25519 over round, seed, U3)
     step 3  unmask    self/<u> uint8[66] for u in U3, key/<d> uint8[66] for d in D  (Shamir shares)
 
-`<v>` is a device's index in the round's cohort (0..n-1), never its name.
+`<v>` is a device's index in the round's cohort (0..n-1, the cohort sorted by identity key), never
+its name. The device's identity key is not sent: the server has it from registration.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pocketfed.privacy import secagg
 
 Schema = Mapping[str, tuple[tuple[int, ...], str]]
 KEYS, SHARES, MASKED, UNMASK = "secagg_keys", "secagg_shares", "masked_update", "unmask_shares"
+CONSISTENCY = "secagg_signature"
 _SEALED = secagg.SHARE_NONCE_BYTES + secagg.SHARE_CIPHERTEXT_BYTES
 
 
@@ -61,16 +65,19 @@ def load(data: bytes, schema: Schema, exact: bool = True) -> dict[str, np.ndarra
 
 # ---- step 0 --------------------------------------------------------------------------------------
 def keys_schema() -> Schema:
-    return {"enc_public": ((secagg.PUBLIC_KEY_BYTES,), "uint8"), "mask_public": ((secagg.PUBLIC_KEY_BYTES,), "uint8")}
+    return {"enc_public": ((secagg.PUBLIC_KEY_BYTES,), "uint8"), "mask_public": ((secagg.PUBLIC_KEY_BYTES,), "uint8"),
+            "signature": ((secagg.SIGNATURE_BYTES,), "uint8")}
 
 
-def keys_arrays(keys: secagg.RoundKeys) -> dict[str, np.ndarray]:
-    return {"enc_public": _u8(keys.enc_public), "mask_public": _u8(keys.mask_public)}
+def keys_arrays(advert: secagg.AdvertiseKeys) -> dict[str, np.ndarray]:
+    return {"enc_public": _u8(advert.enc_public), "mask_public": _u8(advert.mask_public),
+            "signature": _u8(advert.signature)}
 
 
-def parse_keys(data: bytes) -> tuple[bytes, bytes]:
+def parse_keys(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """-> (C_u, S_u, signature); `secagg.AdvertiseKeys` adds the round and the registered identity key."""
     a = load(data, keys_schema())
-    return a["enc_public"].tobytes(), a["mask_public"].tobytes()
+    return a["enc_public"].tobytes(), a["mask_public"].tobytes(), a["signature"].tobytes()
 
 
 # ---- step 1 --------------------------------------------------------------------------------------
@@ -106,6 +113,19 @@ def parse_masked(data: bytes, config: secagg.SecAggConfig, device: int) -> secag
     if words.size and int(words.max()) >= 2**config.bits:
         raise MalformedMessage(f"masked input has words >= 2^{config.bits}")
     return secagg.MaskedInput(config.round_id, device, words)
+
+
+# ---- step 2' -------------------------------------------------------------------------------------
+def signature_schema() -> Schema:
+    return {"signature": ((secagg.SIGNATURE_BYTES,), "uint8")}
+
+
+def signature_arrays(msg: secagg.ConsistencySignature) -> dict[str, np.ndarray]:
+    return {"signature": _u8(msg.signature)}
+
+
+def parse_signature(data: bytes) -> bytes:
+    return load(data, signature_schema())["signature"].tobytes()
 
 
 # ---- step 3 --------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ JSON_MAX_BYTES = 64 * 1024  # any other request's body
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Hex128 = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
-DeviceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DeviceName = Annotated[str, Field(pattern=DEVICE_NAME.pattern)]
 ENROLLMENT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # `pocketfed enroll` prints 43 of these characters
 EnrollmentToken = Annotated[str, Field(pattern=ENROLLMENT_TOKEN.pattern)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -104,19 +105,22 @@ class PrivacySpec(Strict):
     clip_norm: float = Field(gt=0.0, allow_inf_nan=False)  # C, this round's (adaptive clipping moves it)
     noise_multiplier: float = Field(ge=0.0, allow_inf_nan=False)  # z, this round's
     expected_devices: int = Field(ge=1, le=10**9)  # n: under distributed DP the device's share is z C / sqrt(n)
-    secagg: bool  # then the update goes through the four stages of /v1/rounds/{id}/secagg
+    secagg: bool  # then the update goes through the five stages of /v1/rounds/{id}/secagg
     frac_bits: int = Field(ge=0, le=52)  # secure aggregation's fixed point
     secagg_degree: int = Field(ge=0, le=100_000)  # SecAgg+ neighbours (0 = all)
+    adaptive_clip: bool = False  # release the centred clip bit (in the secure vector under secagg)
+    count_noise_std: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # sigma_b; a device adds sigma_b / sqrt(n)
 
     @staticmethod
     def from_plan(plan: PrivacyPlan) -> "PrivacySpec":
         return PrivacySpec(dp=plan.dp.value, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
                            expected_devices=plan.expected_devices, secagg=plan.secagg, frac_bits=plan.frac_bits,
-                           secagg_degree=plan.secagg_degree)
+                           secagg_degree=plan.secagg_degree, adaptive_clip=plan.adaptive_clip,
+                           count_noise_std=plan.count_noise_std)
 
     def to_plan(self, codec: str) -> PrivacyPlan:
         return PrivacyPlan(DPMode(self.dp), self.clip_norm, self.noise_multiplier, self.expected_devices, self.secagg,
-                           Codec(codec), self.frac_bits, self.secagg_degree)
+                           Codec(codec), self.frac_bits, self.secagg_degree, self.adaptive_clip, self.count_noise_std)
 
 
 class TaskSpec(Strict):
@@ -150,7 +154,7 @@ class UploadStatus(Strict):
 class CommitRequest(Strict):
     size: int = Field(ge=1, le=2**31)
     sha256: Hex64
-    num_tokens: int = Field(ge=1, le=10**10)
+    num_tokens: int = Field(ge=0, le=10**10)  # 0 under secure aggregation: nothing per device in the clear
     metrics: dict[MetricName, Finite] = Field(default_factory=dict, max_length=16)
 
 
@@ -172,7 +176,7 @@ class OpenRound(Strict):
     target: int
     quorum: int
     deadline_in_s: float
-    stage: str = ""  # under secure aggregation: advertise | share | masked | unmask
+    stage: str = ""  # under secure aggregation: advertise | share | masked | consistency | unmask
 
 
 class RoundInfo(Strict):
@@ -208,11 +212,16 @@ class SecAggParams(Strict):
     threshold: int = Field(ge=2)
     clip_norm: float = Field(gt=0.0, allow_inf_nan=False)
     frac_bits: int = Field(ge=0, le=52)
+    degree: int = Field(default=0, ge=0, le=100_000)  # the SecAgg+ graph's 2h (0: everyone neighbours everyone)
 
 
-class PublicKeys(Strict):
+class SignedKeys(Strict):
+    """One cohort member's step-0 advert: its identity key (registered) and its signed round keys."""
+
+    identity_public: Hex64  # Ed25519
     enc_public: Hex64  # C_v, X25519
     mask_public: Hex64  # S_v, X25519
+    signature: Hex128  # Ed25519 over (round, identity, C_v, S_v)
 
 
 class SealedShare(Strict):
@@ -225,15 +234,18 @@ class SecAggState(Strict):
     """GET /v1/rounds/{id}/secagg: the round's stage and what this device needs for it."""
 
     round_id: int
-    stage: Literal["advertise", "share", "masked", "unmask", "committed", "failed", "aborted"]
+    stage: Literal["advertise", "share", "masked", "consistency", "unmask", "committed", "failed", "aborted", "empty"]
     reason: str = ""
     deadline: float
     index: int | None = None  # this device's u in the cohort (None: not in it)
     params: SecAggParams | None = None
-    neighbours: dict[int, PublicKeys] | None = None  # stage share: N(u)'s keys
+    cohort: list[SignedKeys] | None = Field(default=None, max_length=100_000)  # stage share: U1 in index order
+    graph_seed: Hex64 | None = None  # stage share: the hash of `cohort` the server used
+    neighbours: list[int] | None = Field(default=None, max_length=100_000)  # stage share: N(u), as the server says
     shares: list[SealedShare] | None = None  # stage masked: ciphertexts addressed to u
-    survivors: list[int] | None = None  # stage unmask: U3
+    survivors: list[int] | None = None  # stages consistency and unmask: U3
     dropped: list[int] | None = None  # stage unmask: U2 minus U3
+    signatures: dict[int, Hex128] | None = None  # stage unmask: N(u) + u's signatures over U3
 
 
 class Accepted(Strict):

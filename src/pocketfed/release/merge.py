@@ -84,9 +84,11 @@ def _read_privacy(run_dir: Path) -> dict[str, float] | None:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{str(summary)!r} is not valid JSON: {e}") from None
     privacy = data.get("privacy") if isinstance(data, dict) else None
-    if not isinstance(privacy, dict) or privacy.get("epsilon") is None:
+    # the model's recipients' epsilon (summary.json before two epsilons called it "epsilon")
+    eps = privacy.get("epsilon_recipients", privacy.get("epsilon")) if isinstance(privacy, dict) else None
+    if eps is None:
         return None
-    return {"epsilon": float(privacy["epsilon"]), "delta": float(privacy.get("delta") or 0.0)}
+    return {"epsilon": float(eps), "delta": float(privacy.get("delta") or 0.0)}  # type: ignore[union-attr]
 
 
 def read_run(run_dir: str | Path, personal: str | Path | None = None) -> RunInputs:

@@ -6,8 +6,9 @@ come from the foundation module `pocketfed.egress`, the list the device's ledger
 - the export's manifest.json: `made_on` (a hash of the host id, compared with this device's),
   `personalized`, and the run's differential-privacy figures `privacy: {epsilon, delta}`;
 - the device's egress ledger `<home>/ledger.jsonl`, append-only JSON lines, one per message that
-  left the device, each with a `kind`. Only `egress.ALLOWED_KINDS` may leave (model updates,
-  metrics, and under secure aggregation the masked update and key-agreement messages); any other
+  left the device, each with a `kind`. Only `egress.ALLOWED_KINDS` may leave (the registration,
+  check-ins, model updates, metrics, and under secure aggregation the masked update and
+  key-agreement messages); any other
   kind is reported as a warning, and refusals (recorded, never sent) are counted apart.
 
 With no ledger the line says it cannot check egress, rather than promising anything.

@@ -8,6 +8,7 @@ import os
 import threading
 from typing import Any
 
+from pocketfed.privacy import secagg
 from pocketfed.protocol import secagg_wire as sw
 from pocketfed.server import lifecycle
 from pocketfed.server import round as engine
@@ -29,7 +30,9 @@ def eligibility_problem(e: Eligibility, c: Coordinator) -> str | None:
 
 
 def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assignment | Wait:
-    """A task for `device_id` in the open round, or when to come back."""
+    """A task for `device_id` in the open round if the round's Poisson draw sampled it and it is
+    eligible now, or when to come back. When it checks in plays no part: a device that always
+    checks in first is in a round with probability q, as every other device."""
     with c.lock:
         lifecycle.tick(c, now)
         c.store.touch_device(device_id, now)
@@ -41,7 +44,9 @@ def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assig
         if problem:
             return Wait(later, problem)
         r = c.store.open_round()
-        assert r is not None
+        if r is None:  # `lifecycle.open_round` waits for enough registered devices
+            return Wait(later, f"no round is open: {c.store.count_devices()} devices are registered and a round "
+                               f"needs at least {engine.min_cohort(c.cfg.deploy.quorum, c.cfg.privacy.secagg)}")
         if c.store.has_update(r.round_id, device_id):
             return Wait(later, f"this device's update for round {r.round_id} is in; wait for the next round")
         s = c.store.secagg_round(r.round_id)
@@ -49,8 +54,10 @@ def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assig
             return Wait(later, f"round {r.round_id} is past this device's key advertising (stage {s.stage!r}); "
                                f"wait for the next round")
         if not c.store.is_assigned(r.round_id, device_id):  # a device that crashed gets its task again
-            if not engine.admits(c.store.count_assigned(r.round_id), r.target):
-                return Wait(later, f"round {r.round_id} has its cohort of {r.target} devices")
+            if not lifecycle.sampled(c, r, device_id):
+                q = "" if r.sample_rate is None else f" (each device with probability {r.sample_rate:.3g})"
+                return Wait(later, f"not selected for round {r.round_id}: its cohort was drawn at random{q} "
+                                   f"when it opened; wait for a later round")
             c.store.assign(r.round_id, device_id, now)
         version = c.store.version(r.base_version)
         assert version is not None
@@ -122,7 +129,12 @@ def _check_payload(c: Coordinator, data: bytes, round_id: int, device_id: str) -
 
 def commit_upload(c: Coordinator, round_id: int, device_id: str, size: int, sha256: str, num_tokens: int,
                   metrics: dict[str, float], now: float) -> bool:
-    """Check a complete upload and record it; True if it closed the round."""
+    """Check a complete upload and record it; True if it closed the round. Under secure aggregation
+    the device sends 0 tokens and no metrics (nothing per device in the clear); otherwise its token
+    count weights the mean and must be at least 1."""
+    if num_tokens < 1 and not c.cfg.privacy.secagg:
+        raise Refused(INVALID_UPDATE, f"num_tokens is {num_tokens}: an update without secure aggregation "
+                                      "must report the tokens it trained on (at least 1)")
     with c.lock:
         _check_can_upload(c, round_id, device_id, now)
     path = c.store.upload_path(round_id, device_id)
@@ -171,21 +183,36 @@ def _check_secagg_step(c: Coordinator, round_id: int, device_id: str, kind: str,
 
 
 def secagg_message(c: Coordinator, round_id: int, device_id: str, kind: str, body: bytes, now: float) -> None:
-    """Record one device's step-0, step-1 or step-3 message after checking it against the round."""
+    """Record one device's step-0, step-1, step-2' or step-3 message after checking it against the
+    round; a signature (step 0's over the keys, step 2''s over U3) must verify under the device's
+    registered key, so the server relays no junk for the devices to trip on."""
     with c.lock:
         lifecycle.tick(c, now)
         r, s = _check_secagg_step(c, round_id, device_id, kind, now)
         try:
             if kind == sw.KEYS:
-                sw.parse_keys(body)
+                if not secagg.verify_advert(stages.advert_of(c, round_id, device_id, body)):
+                    raise sw.MalformedMessage("the signature does not verify under this device's registered key "
+                                              "over (round, key, enc_public, mask_public)")
+            elif kind == sw.CONSISTENCY:
+                u = stages.index_of(s)[device_id]
+                if s.survivors is None or u not in s.survivors:
+                    raise Refused(NOT_IN_COHORT, f"device {device_id} sent no masked input in round {round_id}; "
+                                                 f"only survivors sign the survivor set")
+                key = c.store.device_key(device_id)
+                assert key is not None and s.graph_seed is not None
+                if not secagg.verify_survivors(bytes.fromhex(key), sw.parse_signature(body), round_id,
+                                               bytes.fromhex(s.graph_seed), frozenset(s.survivors)):
+                    raise sw.MalformedMessage("the signature does not verify under this device's registered key "
+                                              "over (round, graph seed, survivors)")
             elif kind == sw.SHARES:
                 u, graph = stages.index_of(s)[device_id], stages.graph_of(c, s)
                 sw.parse_shares(body, round_id, u, graph[u] | {u})
             elif kind == sw.UNMASK:
                 u, graph = stages.index_of(s)[device_id], stages.graph_of(c, s)
-                if s.survivors is None or u not in s.survivors:
-                    raise Refused(NOT_IN_COHORT, f"device {device_id} sent no masked input in round {round_id}; "
-                                                 f"only survivors answer the unmasking")
+                if s.survivors is None or not c.store.has_secagg_message(round_id, device_id, sw.CONSISTENCY):
+                    raise Refused(NOT_IN_COHORT, f"device {device_id} did not sign the survivor set of round {round_id}; "
+                                                 f"only survivors that signed it answer the unmasking")
                 sw.parse_unmask(body, round_id, u, set(s.survivors) & (graph[u] | {u}), set(s.dropped or ()) & graph[u])
             else:
                 raise Refused(WRONG_STAGE, f"{kind!r} is not a secure-aggregation message sent this way")
@@ -216,15 +243,21 @@ def secagg_view(c: Coordinator, round_id: int, device_id: str, now: float) -> di
         if s.stage == "advertise" or u is None:
             return out
         out.update(index=u, params=s.params)
-        if s.stage == "share":  # step 0 -> 1: N(u)'s public keys (`key_directories`)
+        if s.stage == "share":  # step 0 -> 1: the signed adverts, the seed and N(u) (`key_directories`)
             directory = stages.routing(c, s)[u]
-            out["neighbours"] = {v: {"enc_public": k[0].hex(), "mask_public": k[1].hex()} for v, k in directory.neighbours.items()}
+            out["cohort"] = [{"identity_public": a.identity_public.hex(), "enc_public": a.enc_public.hex(),
+                              "mask_public": a.mask_public.hex(), "signature": a.signature.hex()} for a in directory.cohort]
+            out.update(graph_seed=directory.seed.hex(), neighbours=sorted(directory.neighbours))
         elif s.stage == "masked":  # step 1 -> 2: the ciphertexts addressed to u (`route_shares`)
             bundles = stages.routing(c, s)
             out["shares"] = [{"sender": e.sender, "nonce": e.nonce.hex(), "ciphertext": e.ciphertext.hex()}
                              for e in (bundles[u].shares if u in bundles else ())]
-        elif s.stage == "unmask":  # step 2 -> 3: U3 and D (`unmask_request`)
-            out.update(survivors=s.survivors, dropped=s.dropped)
+        elif s.stage == "consistency":  # step 2 -> 2': U3 to sign (`consistency_request`)
+            out.update(survivors=s.survivors)
+        elif s.stage == "unmask":  # step 2' -> 3: U3, D and N(u) + u's signatures over U3 (`unmask_request`)
+            signatures, graph = stages.routing(c, s)
+            out.update(survivors=s.survivors, dropped=s.dropped,
+                       signatures={v: sig.hex() for v, sig in signatures.items() if v in graph[u] | {u}})
         return out
 
 

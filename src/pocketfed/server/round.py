@@ -1,6 +1,6 @@
 """The round engine: one federated round's logic, written once. Pure: no I/O, time is passed in.
 
-    cohort    `sample_cohort` (simulation), `cohort_target` + `admits` (deployment check-ins)
+    cohort    `sample_cohort`: Poisson sampling over the round's frame (both drivers); `empty_round`
     plan      `round_plan`: the privacy plan (C, z, n, mode, codec) every task of the round carries
     collect   `decode_upload`: a device's upload checked against the adapter schema and the codec
     decide    `decide`: wait, commit (goal reached, or the deadline with a quorum) or abort
@@ -30,7 +30,7 @@ from pocketfed import codec
 from pocketfed.config import Codec, RunConfig
 from pocketfed.model import rank as rank_ops
 from pocketfed.privacy import accountant, pipeline, secagg
-from pocketfed.privacy.budget import PrivacyRun
+from pocketfed.privacy.budget import PrivacyRun, finite_or_none
 from pocketfed.privacy.pipeline import PrivacyPlan
 from pocketfed.protocol.messages import TrainResult
 from pocketfed.server import hetero, sampling, strategies
@@ -47,13 +47,14 @@ class InvalidUpload(ValueError):
 @dataclass(frozen=True)
 class Contribution:
     """One device's collected upload: decoded (None when it went into a secure sum), its training
-    tokens, the bytes it sent, its adaptive-clipping bit and its scalar metrics."""
+    tokens, the bytes it sent, its released centred adaptive-clipping bit (None when it went into
+    the secure sum or none was asked for) and its scalar metrics."""
 
     device_id: str
     update: AdapterState | None
     num_tokens: int
     bytes_sent: int
-    unclipped: bool = True
+    clip_bit: float | None = None
     train_loss: float | None = None
     rank: int = 0  # LoRA rank the device trained (HetLoRA); 0 = the global rank
 
@@ -72,21 +73,75 @@ def round_plan(cfg: RunConfig, privacy: PrivacyRun | None, expected_devices: int
     return pipeline.plan_for(cfg.privacy, privacy, expected_devices)
 
 
-# ---- cohort --------------------------------------------------------------------------------------
-def sample_cohort(pool: list[str], per_round: int, seed: int, round_idx: int) -> list[str]:
-    """The simulator's cohort: a uniform sample without replacement, reproducible per (seed, round)."""
-    return sampling.sample_round(pool, per_round, seed, round_idx)
+# ---- cohort ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cohort:
+    """A round's Poisson-sampled cohort (`pocketfed.server.sampling`): the devices drawn, sorted,
+    the rate q each device of the frame was drawn at, and the frame's size."""
+
+    devices: list[str]
+    sample_rate: float
+    frame: int
+
+
+def sample_cohort(frame: list[str], expected: float, key: bytes) -> Cohort:
+    """Poisson sampling of `frame` (the devices that may take part in the round) at
+    q = min(1, expected / |frame|), under `key` (`sampling.fresh_key()` in a deployment,
+    `sampling.simulation_key(seed, round)` in a simulation). Arrival order plays no part."""
+    q = sampling.sample_rate(expected, len(frame))
+    return Cohort(sampling.poisson_sample(frame, q, key), q, len(frame))
 
 
 def cohort_target(goal: int, overselect: float) -> int:
-    """How many devices a deployment round assigns: ceil(goal * overselect), so that dropouts
-    still leave the goal."""
+    """A deployment round's expected sampled cohort: ceil(goal * overselect), so that dropouts
+    still leave the goal on average. It is what q is computed from (q = min(1, target / frame)):
+    over-selection raises every device's rate, and the accountant is given that raised q."""
     return math.ceil(goal * overselect - 1e-9)
 
 
-def admits(assigned: int, target: int) -> bool:
-    """Whether a deployment round takes one more eligible device that checks in (first come)."""
-    return assigned < target
+def min_cohort(quorum: int, secure: bool) -> int:
+    """The fewest devices a round can commit with: the quorum, and 2 under secure aggregation (a
+    secure sum of one device is that device's update)."""
+    return max(quorum, 2) if secure else quorum
+
+
+def sampling_frame(devices: list[str], participants_by_round: dict[int, list[str]], round_idx: int,
+                   max_participations: int, window: int) -> list[str]:
+    """The devices that may be sampled in training round `round_idx`: those below the cap of
+    `max_participations` in the window (`sampling.cap_window`; 0 = no cap), given the earlier
+    rounds' participants by round index. Leaving a device out only lowers its rate."""
+    recent = [participants_by_round.get(i, []) for i in sampling.cap_window(round_idx, window)]
+    return sampling.below_cap(devices, recent, max_participations)
+
+
+def planned_sample_rate(expected: float, population: int) -> float:
+    """The sample rate planned before the first round, which calibrates z for
+    privacy.target_epsilon: min(1, expected / population), 1 when the population is unknown (0).
+    Each round is then accounted at the q it actually had."""
+    return sampling.sample_rate(expected, population) if population else 1.0
+
+
+def participation_bound(cfg: RunConfig) -> int | None:
+    """The most rounds one device takes part in under deploy.max_participations per
+    deploy.participation_window rounds over sim.rounds (None: no cap), for the accountant."""
+    d = cfg.deploy
+    return sampling.max_participations(cfg.sim.rounds, d.max_participations, d.participation_window)
+
+
+def empty_round(state: ServerState, privacy: PrivacyRun | None, plan: PrivacyPlan, sample_rate: float) -> Outcome:
+    """A round whose sampled cohort cannot commit (empty, below the quorum, or nobody finished):
+    the adapter stays and the round counts as run. The accountant still steps, at the round's q
+    and the nominal z (the plan's n noised): the draw happened, and leaving such rounds out would
+    condition the released rounds on their cohorts' sizes. An empty frame (q = 0) costs nothing."""
+    out = skip(state)
+    if privacy is None or sample_rate == 0:
+        return out
+    privacy = privacy.after_round(plan, plan.expected_devices, None, sample_rate)
+    return Outcome(out.state, privacy, {**out.metrics, "sample_rate": sample_rate, "clip_norm": privacy.clip.clip_norm,
+                                        "unclipped_fraction": None,
+                                        "epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),
+                                        "epsilon_coordinator": finite_or_none(privacy.ledger.epsilon_coordinator),
+                                        "delta": privacy.ledger.delta})
 
 
 # ---- collect -------------------------------------------------------------------------------------
@@ -115,7 +170,10 @@ def collect_in_memory(results: list[TrainResult], plan: PrivacyPlan, like: Adapt
         vectors = [x.upload.vector for x in results if x.upload is not None and x.upload.vector is not None]
         if len(vectors) != len(results):
             raise ValueError("under secure aggregation every result must carry its pipeline's vector")
-        outcome = secagg.simulate_round(vectors, clip_norm=plan.upload_bound(len(vectors[0])), frac_bits=plan.frac_bits,
+        dim = sum(v.numel() for v in like.values())  # the vectors are [dim] or [dim + 1] (the centred bit)
+        if any(len(v) != pipeline.secure_length(plan, dim) for v in vectors):
+            raise ValueError(f"under this plan every secure vector has {pipeline.secure_length(plan, dim)} values")
+        outcome = secagg.simulate_round(vectors, clip_norm=pipeline.secure_bound(plan, dim), frac_bits=plan.frac_bits,
                                         round_id=round_id, neighbours=plan.secagg_degree or None)
         total, sent = outcome.total, outcome.device_bytes_sent
     contributions = []
@@ -124,7 +182,7 @@ def collect_in_memory(results: list[TrainResult], plan: PrivacyPlan, like: Adapt
         update = None if plan.secagg else decode_upload(x.upload.payload or b"", like, plan)
         contributions.append(Contribution(
             x.device_id, update, x.num_tokens, sent[i] if plan.secagg else len(x.upload.payload or b""),
-            x.upload.unclipped, x.metrics.get("train_loss"), (ranks or {}).get(x.device_id, 0)))
+            x.upload.clip_bit, x.metrics.get("train_loss"), (ranks or {}).get(x.device_id, 0)))
     return contributions, total
 
 
@@ -155,8 +213,8 @@ def aggregate(contributions: list[Contribution], plan: PrivacyPlan, like: Adapte
     n = len(contributions)
     if n == 0:
         raise ValueError("cannot aggregate a round without contributions")
-    if secure_total is not None:
-        return pipeline.finish(secure_total, plan, n, like)
+    if secure_total is not None:  # the centred bits' sum, if it is there, is the count's (`commit`)
+        return pipeline.finish(pipeline.split_secure(secure_total, plan)[0], plan, n, like)
     updates = [c.update for c in contributions]
     if any(u is None for u in updates):
         raise ValueError("a contribution without its decoded update needs the secure sum")
@@ -174,9 +232,16 @@ def aggregate(contributions: list[Contribution], plan: PrivacyPlan, like: Adapte
 
 # ---- commit --------------------------------------------------------------------------------------
 def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[Contribution], mean: AdapterState,
-           cfg: RunConfig) -> Outcome:
-    """Apply Delta through the strategy, step the accountant (one round of Poisson-sampled Gaussian
-    mechanism; adaptive clipping moves C), and report the round."""
+           cfg: RunConfig, *, plan: PrivacyPlan | None = None, secure_total: np.ndarray | None = None,
+           sample_rate: float | None = None) -> Outcome:
+    """Apply Delta through the strategy, step the accountant and report the round.
+
+    The accountant steps one Poisson-sampled Gaussian mechanism at `sample_rate` (None: the
+    ledger's) with the noise that reached the sum: under distributed DP the shares of the
+    contributions only (z sqrt(m / n) for m of the plan's n). Adaptive clipping moves C by the
+    noised estimate b~ (`pipeline.clip_estimate`) from the released bits or, under secure
+    aggregation, the last coordinate of `secure_total`. Only b~ is reported, never the count.
+    Under DP `plan` is the round's plan (the one its tasks carried)."""
     new_state, diag = strategies.apply_mean(state, mean, cfg.server)
     tokens = sum(c.num_tokens for c in contributions)
     losses = [c.train_loss for c in contributions]
@@ -188,10 +253,18 @@ def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[C
         **diag,
     }
     if privacy is not None:
-        unclipped = sum(1 for c in contributions if c.unclipped)
-        metrics.update({"clip_norm": privacy.clip.clip_norm, "unclipped": unclipped})
-        privacy = privacy.after_round(unclipped, len(contributions), cfg.privacy.adaptive_clip)
-        metrics.update({"epsilon": privacy.ledger.epsilon_spent, "delta": privacy.ledger.delta})
+        if plan is None:
+            raise ValueError("commit under DP needs the round's privacy plan (plan=...)")
+        estimate = None
+        if plan.adaptive_clip:
+            bits = pipeline.split_secure(secure_total, plan)[1] if secure_total is not None else None
+            centred = bits if bits is not None else pipeline.bit_sum([c.clip_bit for c in contributions], plan)
+            estimate = pipeline.clip_estimate(centred, plan)
+        metrics.update({"clip_norm": privacy.clip.clip_norm, "unclipped_fraction": estimate})
+        privacy = privacy.after_round(plan, len(contributions), estimate, sample_rate)
+        metrics.update({"epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),  # None: unbounded
+                        "epsilon_coordinator": finite_or_none(privacy.ledger.epsilon_coordinator),
+                        "delta": privacy.ledger.delta})
     return Outcome(new_state, privacy, metrics)
 
 
@@ -202,12 +275,13 @@ def skip(state: ServerState) -> Outcome:
 
 # ---- stop ----------------------------------------------------------------------------------------
 def budget_stop(privacy: PrivacyRun | None) -> str | None:
-    """Why no further round may run under the privacy budget, or None: one more round would
-    spend more than privacy.target_epsilon."""
-    if privacy is None or not accountant.budget_exhausted(accountant.step(privacy.ledger)):
+    """Why no further round may run under the privacy budget, or None: one more round at the nominal
+    z and q would spend more of the recipients' epsilon than privacy.target_epsilon."""
+    if privacy is None or accountant.preview(privacy.ledger) < privacy.ledger.epsilon_budget:
         return None
     led = privacy.ledger
-    return (f"the privacy budget is spent: epsilon {led.epsilon_spent:.3f} after {led.rounds_done} rounds; "
+    return (f"the privacy budget is spent: epsilon (against the model's recipients) {led.epsilon_spent:.3f} "
+            f"after {led.rounds_done} rounds; "
             f"one more round would pass privacy.target_epsilon={led.epsilon_budget:g} at delta={led.delta:g}")
 
 

@@ -1,8 +1,14 @@
-"""Secure aggregation over HTTP: the four stages of Bonawitz et al. (CCS 2017, Fig. 4), each with a
-deadline: advertise keys (the training deadline), share keys, masked input (the resumable upload),
-unmasking. The server calls the same `pocketfed.privacy.secagg` steps `secagg.simulate_round` calls
-and sees only public keys, ciphertexts, masked vectors and the shares the protocol reveals. Fewer
-than t devices at any stage fails the round ("failed", model unchanged).
+"""Secure aggregation over HTTP: the five stages of Bonawitz et al. (CCS 2017, Fig. 4, the
+active-adversary rounds), each with a deadline: advertise keys (the training deadline), share keys,
+masked input (the resumable upload), consistency (each survivor signs U3), unmasking. The server
+calls the same `pocketfed.privacy.secagg` steps `secagg.simulate_round` calls and sees only signed
+public keys, ciphertexts, masked vectors, signatures and the shares the protocol reveals; the
+devices check each step (`pocketfed.device.secure_upload`). Fewer than t devices at any stage fails
+the round ("failed", model unchanged).
+
+The cohort's index order is its identity keys' order (the keys the devices registered with), and
+the SecAgg+ graph seed is the hash of the signed adverts (`secagg.graph_seed`): nothing about the
+graph is the server's choice once the cohort is.
 
 `advance` is the stage machine (a Decision for the round engine's driver); `secure_sum` is step 3.
 """
@@ -10,12 +16,11 @@ than t devices at any stage fails the round ("failed", model unchanged).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 
-from pocketfed.privacy import secagg
+from pocketfed.privacy import pipeline, secagg
 from pocketfed.protocol import secagg_wire as sw
 from pocketfed.server.round import Decision
 from pocketfed.server.service import Coordinator
@@ -29,16 +34,32 @@ def config_of(s: SecAggRound) -> secagg.SecAggConfig:
 
 def graph_of(c: Coordinator, s: SecAggRound) -> dict[int, frozenset[int]]:
     assert s.cohort is not None and s.graph_seed is not None
-    return secagg.neighbour_graph(range(len(s.cohort)), c.cfg.privacy.secagg_degree or None, bytes.fromhex(s.graph_seed))
+    return secagg.neighbour_graph(range(len(s.cohort)), config_of(s).degree, bytes.fromhex(s.graph_seed))
 
 
 def index_of(s: SecAggRound) -> dict[str, int]:
     return {name: i for i, name in enumerate(s.cohort or [])}
 
 
+def advert_of(c: Coordinator, round_id: int, device: str, body: bytes) -> secagg.AdvertiseKeys:
+    """A device's step-0 message with its registered identity key (MalformedMessage if malformed)."""
+    identity = c.store.device_key(device)
+    assert identity is not None  # only registered devices reach the round
+    enc, mask, signature = sw.parse_keys(body)
+    return secagg.AdvertiseKeys(round_id, bytes.fromhex(identity), enc, mask, signature)
+
+
 def adverts(c: Coordinator, s: SecAggRound) -> list[secagg.AdvertiseKeys]:
+    """The cohort's signed adverts in index order."""
     keys = c.store.secagg_messages(s.round_id, sw.KEYS)
-    return [secagg.AdvertiseKeys(s.round_id, i, *sw.parse_keys(keys[name])) for name, i in index_of(s).items()]
+    return [advert_of(c, s.round_id, name, keys[name]) for name in s.cohort or []]
+
+
+def signers(c: Coordinator, s: SecAggRound) -> dict[int, bytes]:
+    """Step 2': {u: u's signature over (round, seed, U3)}, each checked when it arrived."""
+    index = index_of(s)
+    return {index[name]: sw.parse_signature(body)
+            for name, body in c.store.secagg_messages(s.round_id, sw.CONSISTENCY).items()}
 
 
 def shares(c: Coordinator, s: SecAggRound) -> list[secagg.ShareKeys]:
@@ -62,28 +83,33 @@ def secure_sum(c: Coordinator, r: Round) -> np.ndarray:
     for name, body in c.store.secagg_messages(r.round_id, sw.UNMASK).items():
         u = index[name]
         responses.append(sw.parse_unmask(body, r.round_id, u, survivors & (graph[u] | {u}), dropped & graph[u]))
-    request = secagg.UnmaskRequest(r.round_id, survivors, dropped)
+    request = secagg.UnmaskRequest(r.round_id, survivors, dropped, signers(c, s))
     return secagg.aggregate(config, adverts(c, s), graph, masked_inputs(c, s), request, responses)
 
 
 def _start_sharing(c: Coordinator, r: Round, now: float) -> str | None:
-    """End of step 0: fix the cohort U1 (advertisers, indexed by name order), k, t and N(u).
-    -> None, or why the round cannot go on."""
+    """End of step 0: fix the cohort U1 (advertisers, indexed by identity key), k, the degree 2h
+    (`secagg.graph_degree`: the configured degree is a minimum), t (`secagg.threshold_floor`) and
+    the graph seed (the hash of the signed adverts). -> None, or why the round cannot go on."""
     p = c.cfg.privacy
-    keys = c.store.secagg_messages(r.round_id, sw.KEYS)
-    cohort = sorted(keys)
-    n, dim = len(cohort), c.dimension
-    config = secagg.SecAggConfig(r.round_id, n, dim, secagg.default_threshold(n, p.secagg_degree),
-                                 c.plan.upload_bound(dim), p.frac_bits)
-    seed = os.urandom(32)  # public randomness for the SecAgg+ graph, drawn after the cohort is fixed
-    graph = secagg.neighbour_graph(range(n), p.secagg_degree or None, seed)
+    signed = {name: advert_of(c, r.round_id, name, body)
+              for name, body in c.store.secagg_messages(r.round_id, sw.KEYS).items()}
+    by_identity = {a.identity_public: name for name, a in signed.items()}
     try:
-        adverts = [secagg.AdvertiseKeys(r.round_id, i, *sw.parse_keys(keys[name])) for i, name in enumerate(cohort)]
-        secagg.key_directories(config, adverts, graph)
+        cohort = secagg.order_cohort(r.round_id, signed.values())  # each signature was verified on arrival
+    except secagg.SecAggError as e:
+        return str(e)
+    n, dim = len(cohort), pipeline.secure_length(c.plan, c.dimension)  # + 1: the centred clip bit, if any
+    degree = secagg.graph_degree(n, p.secagg_degree)
+    config = secagg.SecAggConfig(r.round_id, n, dim, secagg.threshold_floor(n, degree),
+                                 pipeline.secure_bound(c.plan, c.dimension), p.frac_bits, degree)
+    try:
+        secagg.key_directories(config, cohort)
     except secagg.SecAggError as e:
         return str(e)
     c.store.set_secagg_stage(r.round_id, "share", now + c.cfg.deploy.secagg_stage_s,
-                             params=dataclasses.asdict(config), cohort=cohort, graph_seed=seed.hex())
+                             params=dataclasses.asdict(config), cohort=[by_identity[a.identity_public] for a in cohort],
+                             graph_seed=secagg.graph_seed(r.round_id, cohort).hex())
     return None
 
 
@@ -118,29 +144,42 @@ def advance(c: Coordinator, r: Round, now: float) -> Decision:
         if len(masked) < len(shared) and now < s.stage_deadline:
             return Decision("wait")
         try:
-            request = secagg.unmask_request(config, masked, shared)
+            request = secagg.consistency_request(config, masked, shared)
         except secagg.SecAggError as e:
             return Decision("fail", str(e))
-        c.store.set_secagg_stage(r.round_id, "unmask", now + c.cfg.deploy.secagg_stage_s,
-                                 survivors=sorted(request.survivors), dropped=sorted(request.dropped))
+        c.store.set_secagg_stage(r.round_id, "consistency", now + c.cfg.deploy.secagg_stage_s,
+                                 survivors=sorted(request.survivors), dropped=sorted(shared - request.survivors))
         return Decision("wait")
-    assert s.stage == "unmask" and s.survivors is not None
+    assert s.survivors is not None
+    if s.stage == "consistency":  # each signature was verified on arrival (`device_requests.secagg_message`)
+        signed = len(c.store.secagg_messages(r.round_id, sw.CONSISTENCY))
+        if signed < len(s.survivors) and now < s.stage_deadline:
+            return Decision("wait")
+        if signed < t:
+            return Decision("fail", f"only {signed} of {len(s.survivors)} survivors signed the survivor set; "
+                                    f"threshold is {t}")
+        c.store.set_secagg_stage(r.round_id, "unmask", now + c.cfg.deploy.secagg_stage_s)
+        return Decision("wait")
+    assert s.stage == "unmask"
     answered = len(c.store.secagg_messages(r.round_id, sw.UNMASK))
-    if answered < len(s.survivors) and now < s.stage_deadline:
+    if answered < len(c.store.secagg_messages(r.round_id, sw.CONSISTENCY)) and now < s.stage_deadline:
         return Decision("wait")
     return Decision("commit", f"secure sum of {len(s.survivors)} masked inputs, {answered} devices unmasked")
 
 
 def routing(c: Coordinator, s: SecAggRound) -> Any:
-    """Every device's key directory (stage "share") or share bundle (stage "masked"), built once per
-    stage: the adverts and shares are frozen when the stage opens. Without this, each device's poll
-    rebuilt all n devices' routing, O(n^2) work per stage."""
+    """Every device's key directory (stage "share"), share bundle (stage "masked") or the
+    survivors' signatures and the graph (stage "unmask"), built once per stage: the adverts, shares and
+    signatures are frozen when the stage opens. Without this, each device's poll rebuilt all n
+    devices' routing, O(n^2) work per stage."""
     key = (s.round_id, s.stage)
     if key not in c.secagg_routing:
         if s.stage == "share":
-            routing = secagg.key_directories(config_of(s), adverts(c, s), graph_of(c, s))
-        else:
+            routing = secagg.key_directories(config_of(s), adverts(c, s))
+        elif s.stage == "masked":
             routing = secagg.route_shares(config_of(s), shares(c, s))
+        else:  # the signatures over U3, and the graph that says whose each device is sent
+            routing = (signers(c, s), graph_of(c, s))
         c.secagg_routing.clear()  # one stage at a time is asked for; the old ones never again
         c.secagg_routing[key] = routing
     return c.secagg_routing[key]

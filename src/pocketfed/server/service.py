@@ -40,7 +40,8 @@ OFFSET_MISMATCH, TOO_LARGE, TRUNCATED, HASH_MISMATCH = "offset_mismatch", "uploa
 INVALID_UPDATE, NAME_TAKEN, KEY_TAKEN = "invalid_update", "name_taken", "key_registered"
 NOT_ENROLLED, ENROLLMENT_REFUSED = "enrollment_required", "enrollment_refused"
 WRONG_STAGE, NOT_IN_COHORT, INVALID_SECAGG = "wrong_stage", "not_in_cohort", "invalid_secagg_message"
-STAGE_OF = {sw.KEYS: "advertise", sw.SHARES: "share", sw.MASKED: "masked", sw.UNMASK: "unmask"}
+STAGE_OF = {sw.KEYS: "advertise", sw.SHARES: "share", sw.MASKED: "masked", sw.CONSISTENCY: "consistency",
+            sw.UNMASK: "unmask"}
 
 
 class Refused(Exception):
@@ -155,11 +156,14 @@ def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
 
 # ---- privacy set-up and bookkeeping ---------------------------------------------------------------
 def _init_privacy(cfg: RunConfig) -> PrivacyRun | None:
-    """The accountant for a DP run. Each round is accounted as Poisson sampling at rate
-    goal / deploy.population; with the population unknown (0), at rate 1 (no amplification)."""
-    rate = min(1.0, cfg.deploy.goal / cfg.deploy.population) if cfg.deploy.population else 1.0
+    """The accountant for a DP run. z is calibrated (for privacy.target_epsilon) at the planned
+    rate ceil(goal * overselect) / deploy.population, or 1 with the population unknown (0): the
+    devices register after the server starts. Each round is then accounted at the q its cohort was
+    drawn at (`lifecycle.open_round`), and a device's rounds are bounded by the participation cap."""
+    d = cfg.deploy
+    rate = engine.planned_sample_rate(engine.cohort_target(d.goal, d.overselect), d.population)
     try:
-        return init_privacy(cfg, rate)
+        return init_privacy(cfg, rate, max_participations=engine.participation_bound(cfg))
     except ValueError as e:
         raise UserError(f"privacy settings cannot be accounted: {e}") from None
 

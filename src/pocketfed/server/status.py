@@ -1,9 +1,15 @@
-"""The coordinator's status: the model, the rounds, the privacy spent (GET /v1/status)."""
+"""The coordinator's status: the model, the rounds, the privacy spent (GET /v1/status).
+
+For the operator only (the route checks `pocketfed.server.operator`'s bearer token), and even then
+aggregates only: counts of devices, assignments and updates, and each round's metrics as the round
+engine computed them over its whole cohort; no device names and nothing one device reported.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pocketfed.privacy.budget import coordinator_view
 from pocketfed.server import lifecycle
 from pocketfed.server.service import Coordinator
 
@@ -44,5 +50,9 @@ def _privacy_status(c: Coordinator) -> dict[str, Any] | None:
     run = c.privacy
     if run is None:
         return None if not c.cfg.privacy.secagg else {"dp": "none", "secagg": True}
-    return {**run.summary(), "dp": c.cfg.privacy.dp.value, "secagg": c.cfg.privacy.secagg,
-            "target_epsilon": c.cfg.privacy.target_epsilon}
+    # two epsilons: against the model's recipients (the budget's) and against this coordinator, which
+    # knows who took part (None: unbounded); the adaptive clip's count is never shown, only the
+    # rounds' noised unclipped_fraction
+    p = c.cfg.privacy
+    return {**run.summary(), "dp": p.dp.value, "secagg": p.secagg, "target_epsilon": p.target_epsilon,
+            "coordinator_sees": coordinator_view(p.dp, p.secagg)}

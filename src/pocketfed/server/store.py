@@ -1,6 +1,8 @@
 """The coordinator's state store: one SQLite database plus content-addressed blobs beside it.
 
-    <folder>/state.sqlite     devices, nonces, rounds, assignments, updates, versions (WAL, NORMAL sync),
+    <folder>/state.sqlite     devices, nonces, rounds (with each round's sample rate q), cohorts (the
+                              devices each round's Poisson draw sampled), assignments, updates,
+                              versions (WAL, NORMAL sync),
                               secure-aggregation stages and messages; meta holds config and DP ledger
     <folder>/blobs/ab/abcd..  adapters, server states and device updates, named by their sha256
     <folder>/uploads/<round>/<device>.part   uploads in progress (resumable)
@@ -53,8 +55,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, idx INTEGER NOT NULL, base_version INTEGER NOT NULL,
     status TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
     goal INTEGER NOT NULL, target INTEGER NOT NULL, quorum INTEGER NOT NULL,
-    closed_at REAL, reason TEXT, participants TEXT, metrics TEXT, new_version INTEGER);
+    closed_at REAL, reason TEXT, participants TEXT, metrics TEXT, new_version INTEGER, sample_rate REAL,
+    sample_key TEXT);
 CREATE INDEX IF NOT EXISTS rounds_status ON rounds (status, round_id);
+CREATE TABLE IF NOT EXISTS cohorts (
+    round_id INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (round_id, device_id));
 CREATE TABLE IF NOT EXISTS assignments (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, assigned_at REAL NOT NULL,
     PRIMARY KEY (round_id, device_id));
@@ -89,17 +94,19 @@ class Round:
     round_id: int
     idx: int  # the training round index (= committed rounds before it), what device seeds use
     base_version: int
-    status: str  # open | committed | aborted
+    status: str  # open | committed | aborted | failed | empty (a sampled cohort too small to commit)
     opened_at: float
     deadline: float
     goal: int
-    target: int
+    target: int  # the size of the cohort drawn when the round opened
     quorum: int
     closed_at: float | None
     reason: str | None
     participants: list[str] | None
     metrics: dict[str, Any] | None
     new_version: int | None
+    sample_rate: float | None = None  # q, each device's chance to be sampled (None: a round from before sampling)
+    sample_key: str | None = None  # hex; the draw's key, kept to draw devices that register during the round
 
 
 @dataclass(frozen=True)
@@ -107,11 +114,11 @@ class SecAggRound:
     """A secure-aggregation round's stage and what the server fixed at each step (JSON columns)."""
 
     round_id: int
-    stage: str  # advertise | share | masked | unmask | done
+    stage: str  # advertise | share | masked | consistency | unmask | done
     stage_deadline: float
     params: dict[str, Any] | None  # the SecAggConfig fields, fixed when advertising ends
-    cohort: list[str] | None  # U1, device names in index order (index = position)
-    graph_seed: str | None  # hex; the SecAgg+ neighbour graph's public randomness
+    cohort: list[str] | None  # U1, device names in index order (index = position; ordered by identity key)
+    graph_seed: str | None  # hex; the SecAgg+ graph's seed, the hash of the signed adverts (`secagg.graph_seed`)
     survivors: list[int] | None  # U3 (indices), fixed when masking ends
     dropped: list[int] | None  # U2 minus U3
 
@@ -156,6 +163,11 @@ class Store:
         with self.transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(statement)
+            for column in ("sample_rate REAL", "sample_key TEXT"):  # a state folder from before Poisson
+                try:  # sampling: its rounds get the columns (NULL)
+                    self._db.execute(f"SELECT {column.split()[0]} FROM rounds LIMIT 0")
+                except sqlite3.OperationalError:
+                    self._db.execute(f"ALTER TABLE rounds ADD COLUMN {column}")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
@@ -328,12 +340,16 @@ class Store:
         return Round(*r)
 
     def add_round(self, idx: int, base_version: int, opened_at: float, deadline: float,
-                  goal: int, target: int, quorum: int) -> int:
+                  goal: int, quorum: int, sample_rate: float, sample_key: str, cohort: list[str]) -> int:
+        """Open a round with its Poisson-sampled cohort (call inside a transaction: both or neither)."""
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO rounds (idx, base_version, status, opened_at, deadline, goal, target, quorum) "
-                "VALUES (?, ?, 'open', ?, ?, ?, ?, ?)", (idx, base_version, opened_at, deadline, goal, target, quorum))
-            return int(cur.lastrowid or 0)
+                "INSERT INTO rounds (idx, base_version, status, opened_at, deadline, goal, target, quorum, sample_rate, "
+                "sample_key) VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
+                (idx, base_version, opened_at, deadline, goal, len(cohort), quorum, sample_rate, sample_key))
+            round_id = int(cur.lastrowid or 0)
+            self._db.executemany("INSERT INTO cohorts VALUES (?, ?)", [(round_id, d) for d in cohort])
+            return round_id
 
     def round(self, round_id: int) -> Round | None:
         rows = self._rows("SELECT * FROM rounds WHERE round_id = ?", (round_id,))
@@ -357,6 +373,26 @@ class Store:
              json.dumps(metrics) if metrics is not None else None, new_version, round_id))
         if n != 1:
             raise RuntimeError(f"round {round_id} is not open")
+
+    def in_cohort(self, round_id: int, device_id: str) -> bool:
+        """Whether the round's Poisson draw sampled the device."""
+        return bool(self._rows("SELECT 1 FROM cohorts WHERE round_id = ? AND device_id = ?", (round_id, device_id)))
+
+    def add_to_cohort(self, round_id: int, device_id: str) -> None:
+        self._exec("INSERT OR IGNORE INTO cohorts VALUES (?, ?)", (round_id, device_id))
+
+    def cohort(self, round_id: int) -> list[str]:
+        return [r[0] for r in self._rows("SELECT device_id FROM cohorts WHERE round_id = ? ORDER BY device_id", (round_id,))]
+
+    def device_ids(self) -> list[str]:
+        """Every registered device, by name."""
+        return [r[0] for r in self._rows("SELECT device_id FROM devices ORDER BY device_id")]
+
+    def participants_since(self, first_idx: int) -> dict[int, list[str]]:
+        """Training round index -> the devices whose updates a committed round with that index
+        (from `first_idx` on) applied: what the participation cap counts."""
+        rows = self._rows("SELECT idx, participants FROM rounds WHERE status = 'committed' AND idx >= ?", (first_idx,))
+        return {int(i): json.loads(p) if p else [] for i, p in rows}
 
     # ---- assignments and updates ----------------------------------------------------------------
     def assign(self, round_id: int, device_id: str, now: float) -> None:

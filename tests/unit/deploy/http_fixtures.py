@@ -73,6 +73,13 @@ def app_for(c: co.Coordinator, clock: Clock | None = None):
     return create_app(c, clock=clock or Clock())
 
 
+def operator_token(folder: Path) -> str:
+    """The operator token the app made in the coordinator's state folder (for GET /v1/status)."""
+    from pocketfed.server import operator
+
+    return operator.load_or_create(folder)
+
+
 def refused(fn, status: int, code: str) -> ServerRefused:
     """fn() is refused with this HTTP status and error code, and a sentence that says why."""
     with pytest.raises(ServerRefused) as e:

@@ -93,7 +93,8 @@ def test_device_runtime_says_why_it_was_not_registered(tmp_path, monkeypatch):
     monkeypatch.setattr(client.DeviceClient, "register", refuse)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("some text")
-    with pytest.raises(UserError, match="refused to register 'data': this coordinator registers enrolled"):
+    # the default name is the home's random one, never the data folder's ("data")
+    with pytest.raises(UserError, match=r"refused to register 'device-[0-9a-f]{8}': this coordinator registers enrolled"):
         runtime.run_device("http://127.0.0.1:1", None, tmp_path / "data", tmp_path / "home")
     with pytest.raises(UserError, match="--enroll-token is not a token"):
         runtime.run_device("http://127.0.0.1:1", None, tmp_path / "data", tmp_path / "home", enrollment_token="a b")

@@ -14,7 +14,8 @@ from pocketfed.config import Codec
 from pocketfed.protocol import auth
 from pocketfed.device.http_client import DeviceClient
 from pocketfed.protocol.wire import CHUNK_MAX_BYTES
-from tests.unit.deploy.http_fixtures import OK, SHAPES, app_for, device, make_coordinator, refused, snapshot, update
+from tests.unit.deploy.http_fixtures import (OK, SHAPES, app_for, device, make_coordinator, operator_token, refused,
+                                             snapshot, update)
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def test_happy_path_round_commits(server):
         d.upload(task.round_id, data, chunk_bytes=100)  # several chunks
         out = d.commit(task.round_id, data, num_tokens=10, metrics={"train_loss": 1.0})
     assert out.round_closed
-    status = a.status()
+    status = a.status(operator_token(folder))
     assert status.version == 1 and status.rounds_applied == 1 and status.rounds[0].status == "committed"
     assert status.open_round is not None and status.open_round.idx == 1
 

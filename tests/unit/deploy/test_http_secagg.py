@@ -17,7 +17,8 @@ from pocketfed.config import Codec, load_config
 from pocketfed.privacy import accountant, dp, secagg
 from pocketfed.server import coordinator as co
 from pocketfed.protocol import secagg_wire as sw
-from tests.unit.deploy.http_fixtures import OK, SHAPES, Clock, app_for, device, init_params, refused, snapshot
+from tests.unit.deploy.http_fixtures import (OK, SHAPES, Clock, app_for, device, init_params, operator_token, refused,
+                                             snapshot)
 
 CLIP = 0.5
 
@@ -60,15 +61,16 @@ class Party:
         return task.round_id
 
     def advertise(self) -> None:
-        self.client.secagg_send(self.task.round_id, "keys", sw.to_bytes(sw.keys_arrays(self.keys)))
+        advert = secagg.advertise(self.task.round_id, self.keys, self.client.key)  # signed by the device identity
+        self.client.secagg_send(self.task.round_id, "keys", sw.to_bytes(sw.keys_arrays(advert)))
 
     def share(self) -> None:
         view = self.client.secagg_state(self.task.round_id)
-        assert view.stage == "share" and view.index is not None and view.params is not None and view.neighbours is not None
+        assert view.stage == "share" and view.index is not None and view.params is not None and view.cohort is not None
         self.config = secagg.SecAggConfig(**view.params.model_dump())
-        directory = secagg.KeyDirectory(self.task.round_id, view.index, {
-            v: (bytes.fromhex(k.enc_public), bytes.fromhex(k.mask_public)) for v, k in view.neighbours.items()})
-        self.state, msg = secagg.share_keys(secagg.begin(self.config, view.index, self.keys), directory)
+        state = secagg.check_directory(secagg.begin(self.config, view.index, self.keys, self.client.key),
+                                       directory_of(view, self.task.round_id))
+        self.state, msg = secagg.share_keys(state)
         self.client.secagg_send(self.task.round_id, "shares", sw.to_bytes(sw.shares_arrays(msg)))
 
     def mask(self, vector: np.ndarray) -> None:
@@ -80,14 +82,30 @@ class Party:
         self.state, masked = secagg.mask_input(self.state, bundle, vector)
         data = sw.to_bytes(sw.masked_arrays(masked))
         self.client.upload(self.task.round_id, data, chunk_bytes=4096)
-        self.client.commit(self.task.round_id, data, num_tokens=10, metrics={"unclipped": 1.0})
+        self.client.commit(self.task.round_id, data, num_tokens=0, metrics={})  # nothing per device in the clear
+
+    def sign(self) -> None:
+        view = self.client.secagg_state(self.task.round_id)
+        assert view.stage == "consistency" and self.state is not None
+        self.state, sig = secagg.sign_survivors(self.state, secagg.ConsistencyRequest(self.task.round_id,
+                                                                                      frozenset(view.survivors or ())))
+        self.client.secagg_send(self.task.round_id, "consistency", sw.to_bytes(sw.signature_arrays(sig)))
 
     def unmask(self) -> None:
         view = self.client.secagg_state(self.task.round_id)
         assert view.stage == "unmask" and self.state is not None
-        resp = secagg.unmask(self.state, secagg.UnmaskRequest(self.task.round_id, frozenset(view.survivors or ()),
-                                                              frozenset(view.dropped or ())))
+        request = secagg.UnmaskRequest(self.task.round_id, frozenset(view.survivors or ()), frozenset(view.dropped or ()),
+                                       {v: bytes.fromhex(x) for v, x in (view.signatures or {}).items()})
+        self.state = secagg.check_consistency(self.state, request)
+        resp = secagg.unmask(self.state, request)
         self.client.secagg_send(self.task.round_id, "unmask", sw.to_bytes(sw.unmask_arrays(resp)))
+
+
+def directory_of(view, round_id: int) -> secagg.KeyDirectory:
+    """The key directory a device reads from its stage-"share" view (as `secure_upload` does)."""
+    cohort = tuple(secagg.AdvertiseKeys(round_id, bytes.fromhex(a.identity_public), bytes.fromhex(a.enc_public),
+                                        bytes.fromhex(a.mask_public), bytes.fromhex(a.signature)) for a in view.cohort)
+    return secagg.KeyDirectory(round_id, view.index, cohort, bytes.fromhex(view.graph_seed), frozenset(view.neighbours))
 
 
 def params_of(c: co.Coordinator, version: int) -> dict[str, torch.Tensor]:
@@ -118,11 +136,15 @@ def test_secagg_round_with_dropouts_equals_plain_mean(tmp_path):
     for p, x in zip(parties[:4], vectors):  # d4 drops before masking
         p.mask(x)
     clock.offset += 31  # the masked stage's deadline passes without d4
-    assert parties[0].client.secagg_state(parties[0].task.round_id).stage == "unmask"
+    assert parties[0].client.secagg_state(parties[0].task.round_id).stage == "consistency"
     for p in parties[:3]:  # d3 drops after masking: it is still in the sum
+        p.sign()
+    clock.offset += 31  # the consistency stage's deadline passes without d3
+    assert parties[0].client.secagg_state(parties[0].task.round_id).stage == "unmask"
+    for p in parties[:3]:
         p.unmask()
     clock.offset += 31
-    status = parties[0].client.status()
+    status = parties[0].client.status(operator_token(tmp_path))
     assert status.rounds[0].status == "committed" and status.rounds[0].devices == 4, status.rounds[0]
     expect = np.sum([dp.clip_vector(x, CLIP) for x in vectors[:4]], axis=0) / 4
     got = dp.flatten_update({k: params_of(c, 1)[k] - params_of(c, 0)[k] for k in SHAPES})
@@ -143,9 +165,11 @@ def test_secagg_below_threshold_fails_cleanly_and_next_round_runs(tmp_path):
         p.share()
     for i, p in enumerate(parties):
         p.mask(dp.flatten_update(delta(i)))
+    for p in parties:
+        p.sign()
     parties[0].unmask()  # 1 of 4 answers; t = 3
     clock.offset += 31
-    status = parties[0].client.status()
+    status = parties[0].client.status(operator_token(tmp_path))
     failed = [r for r in status.rounds if r.round_id == rid][0]
     assert failed.status == "failed" and "threshold is 3" in failed.reason, failed
     assert status.version == 0 and status.open_round is not None and status.open_round.idx == 0
@@ -162,8 +186,10 @@ def test_secagg_below_threshold_fails_cleanly_and_next_round_runs(tmp_path):
     for i, p in enumerate(again):
         p.mask(dp.flatten_update(delta(i)))
     for p in again:
+        p.sign()
+    for p in again:
         p.unmask()
-    status = again[0].client.status()
+    status = again[0].client.status(operator_token(tmp_path))
     assert status.version == 1 and status.rounds[-2].status == "committed"
 
 
@@ -174,7 +200,7 @@ def test_secagg_refusals_leave_state_unchanged(tmp_path):
     parties = [Party(app, f"d{i}") for i in range(4)]
     rid = [p.checkin() for p in parties][0]
     outsider = device(app, "outsider")  # registered, never assigned
-    good_keys = sw.to_bytes(sw.keys_arrays(parties[0].keys))
+    good_keys = sw.to_bytes(sw.keys_arrays(secagg.advertise(rid, parties[0].keys, parties[0].client.key)))
 
     def check(fn, status, code):
         before = full_snapshot(tmp_path)
@@ -186,8 +212,14 @@ def test_secagg_refusals_leave_state_unchanged(tmp_path):
     check(lambda: parties[0].client.secagg_send(rid + 7, "keys", good_keys), 404, "unknown_round")
     short = {"enc_public": np.zeros(31, np.uint8), "mask_public": np.zeros(32, np.uint8)}
     check(lambda: parties[0].client.secagg_send(rid, "keys", sw.to_bytes(short)), 422, "invalid_secagg_message")
-    extra = {**sw.keys_arrays(parties[0].keys), "text": np.zeros(4, np.uint8)}
+    extra = {**sw.keys_arrays(secagg.advertise(rid, parties[0].keys, parties[0].client.key)), "text": np.zeros(4, np.uint8)}
     check(lambda: parties[0].client.secagg_send(rid, "keys", sw.to_bytes(extra)), 422, "invalid_secagg_message")
+    # keys signed by another device's identity, or for another round: the signature must be the sender's
+    someone_elses = sw.to_bytes(sw.keys_arrays(secagg.advertise(rid, parties[0].keys, parties[1].client.key)))
+    check(lambda: parties[0].client.secagg_send(rid, "keys", someone_elses), 422, "invalid_secagg_message")
+    stale = sw.to_bytes(sw.keys_arrays(secagg.advertise(rid + 1, parties[0].keys, parties[0].client.key)))
+    check(lambda: parties[0].client.secagg_send(rid, "keys", stale), 422, "invalid_secagg_message")
+    check(lambda: parties[0].client.secagg_send(rid, "consistency", b"x"), 409, "wrong_stage")
     check(lambda: parties[0].client.secagg_send(rid, "keys", b"not safetensors"), 422, "invalid_secagg_message")
     check(lambda: parties[0].client.secagg_send(rid, "shares", b"x"), 409, "wrong_stage")  # shares during advertise
     check(lambda: parties[0].client.secagg_send(rid, "unmask", b"x"), 409, "wrong_stage")
@@ -199,10 +231,9 @@ def test_secagg_refusals_leave_state_unchanged(tmp_path):
     parties[0].share()
     check(lambda: parties[0].client.secagg_send(rid, "shares", b"x"), 409, "duplicate_upload")
     view = parties[1].client.secagg_state(rid)
-    directory = secagg.KeyDirectory(rid, view.index, {v: (bytes.fromhex(k.enc_public), bytes.fromhex(k.mask_public))
-                                                      for v, k in view.neighbours.items()})
-    state, msg = secagg.share_keys(secagg.begin(secagg.SecAggConfig(**view.params.model_dump()), view.index,
-                                                parties[1].keys), directory)
+    state = secagg.check_directory(secagg.begin(secagg.SecAggConfig(**view.params.model_dump()), view.index,
+                                                parties[1].keys, parties[1].client.key), directory_of(view, rid))
+    state, msg = secagg.share_keys(state)
     arrays = sw.shares_arrays(msg)
     missing = dict(list(arrays.items())[:-1])  # a share for one holder left out
     check(lambda: parties[1].client.secagg_send(rid, "shares", sw.to_bytes(missing)), 422, "invalid_secagg_message")
@@ -235,12 +266,13 @@ def test_central_dp_epsilon_per_round_restart_and_budget_stop(tmp_path):
             data = codec.encode(dp.unflatten_update(x, delta(1)), Codec.float32)
             d.upload(task.round_id, data, 4096)
             d.commit(task.round_id, data, 10, {"unclipped": float(unclipped)})
-        return d.status()
+        return d.status(operator_token(tmp_path))
 
     c = make(tmp_path, privacy, goal=2, quorum=1)
     status = one_round(app_for(c), ["a", "b"])
-    assert status.rounds[0].metrics["epsilon"] == pytest.approx(eps[0], rel=1e-9)
-    assert status.privacy is not None and status.privacy["epsilon"] == pytest.approx(eps[0], rel=1e-9)
+    assert status.rounds[0].metrics["epsilon_recipients"] == pytest.approx(eps[0], rel=1e-9)
+    assert status.privacy is not None and status.privacy["epsilon_recipients"] == pytest.approx(eps[0], rel=1e-9)
+    assert status.privacy["epsilon_coordinator"] is None  # central DP: the coordinator sees each update
     assert status.privacy["rounds"] == 1 and not status.stopped
     # the server added N(0, (z C)^2) to the sum, then divided by goal: std z C / goal on the mean.
     # 32 coordinates: the RMS / std ratio lies in [0.5, 1.6] but for ~1e-5 of draws (chi-square, 32 dof)
@@ -252,7 +284,7 @@ def test_central_dp_epsilon_per_round_restart_and_budget_stop(tmp_path):
     c = make(tmp_path, privacy, goal=2, quorum=1)  # a restart: the ledger comes back from the store
     app = app_for(c)
     status = one_round(app, ["c", "d"])
-    assert [r.metrics["epsilon"] for r in status.rounds if r.status == "committed"] == pytest.approx(eps[:2], rel=1e-9)
+    assert [r.metrics["epsilon_recipients"] for r in status.rounds if r.status == "committed"] == pytest.approx(eps[:2], rel=1e-9)
     assert status.done and "privacy budget is spent" in status.stopped and status.open_round is None
     assert status.rounds_applied == 2 < status.rounds_planned
     late = device(app, "late").checkin(OK)
@@ -275,10 +307,12 @@ def test_secagg_with_distributed_dp_carries_each_devices_noise_share(tmp_path):
         x, _ = dp.privatize_update(delta(i), p.task.privacy.clip_norm, share_std)
         p.mask(x)
     for p in parties:
+        p.sign()
+    for p in parties:
         p.unmask()
-    status = parties[0].client.status()
+    status = parties[0].client.status(operator_token(tmp_path))
     assert status.rounds[0].status == "committed" and status.rounds[0].devices == n, status.rounds[0]
-    assert status.rounds[0].metrics["epsilon"] > 0
+    assert status.rounds[0].metrics["epsilon_recipients"] > 0
     got = dp.flatten_update({k: params_of(c, 1)[k] - params_of(c, 0)[k] for k in SHAPES})
     clean = np.sum([dp.clip_vector(dp.flatten_update(delta(i)), CLIP) for i in range(n)], axis=0) / n
     # n shares of std z C / sqrt(n) sum to std z C, the central noise; / n on the mean.
@@ -306,5 +340,7 @@ def test_secagg_routing_is_built_once_per_stage_not_per_poll(tmp_path, monkeypat
         p.mask(dp.flatten_update(delta(i)))
     assert calls["route_shares"] == 1
     for p in parties:
+        p.sign()
+    for p in parties:
         p.unmask()
-    assert parties[0].client.status().rounds[0].status == "committed"
+    assert parties[0].client.status(operator_token(tmp_path)).rounds[0].status == "committed"

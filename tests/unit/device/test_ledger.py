@@ -104,9 +104,10 @@ def test_secagg_kinds_are_checked_recorded_and_summarized(tmp_path: Path) -> Non
 
     from pocketfed.protocol import secagg_wire as sw
 
-    keys = {"enc_public": np.arange(32, dtype=np.uint8), "mask_public": np.zeros(32, np.uint8)}
+    keys = {"enc_public": np.arange(32, dtype=np.uint8), "mask_public": np.zeros(32, np.uint8),
+            "signature": np.ones(64, np.uint8)}
     data = ledger.check_and_record(tmp_path, "server", ledger.SECAGG_KEYS, keys, sw.keys_schema())
-    assert sw.parse_keys(data) == (bytes(range(32)), bytes(32))
+    assert sw.parse_keys(data) == (bytes(range(32)), bytes(32), bytes([1] * 64))
     masked_schema = {"masked": ((5,), "uint32")}
     ledger.check_and_record(tmp_path, "server", ledger.MASKED_UPDATE, {"masked": np.ones(5, np.uint32)}, masked_schema)
     ledger.check_and_record(tmp_path, "server", "metrics", {"loss": 1.0}, {})
@@ -141,3 +142,51 @@ def test_kinds_come_from_the_one_egress_list() -> None:
         "model updates (masked)", "key-agreement messages", "metrics"]
     assert egress.unexpected(["update", "raw_text", "personal_adapter", "refusal"]) == [
         "personal_adapter", "raw_text", "refusal"]
+
+
+KEY_HEX = "ab" * 32
+TOKEN = "tok_" + "x" * 39  # 43 characters, as `pocketfed enroll` prints
+
+
+def test_registration_and_checkins_are_recorded_the_token_only_hashed(tmp_path: Path) -> None:
+    reg = {"name": "device-0a1b2c3d", "public_key": KEY_HEX, "enrollment_token": TOKEN, "wire_version": 1}
+    data = ledger.check_and_record(tmp_path, "https://server", ledger.REGISTRATION, reg, {})
+    assert json.loads(data) == reg  # the exact request body: the server needs the token itself
+    elig = {"charging": True, "idle": True, "unmetered": False, "free_memory_mb": 2048}
+    sent = ledger.check_and_record(tmp_path, "https://server", ledger.CHECKIN, {"eligibility": elig, "wire_version": 1}, {})
+    assert json.loads(sent) == {"eligibility": elig, "wire_version": 1}
+    first, second = _entries(tmp_path)
+    assert first["kind"] == "registration" and first["name"] == "device-0a1b2c3d" and first["public_key"] == KEY_HEX
+    assert first["enrollment_token_sha256"] == hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert first["bytes"] == len(data) and first["sha256"] == hashlib.sha256(data).hexdigest()
+    assert TOKEN not in (tmp_path / ledger.LEDGER_FILE).read_text()  # a log a person may share: no credential
+    assert second["kind"] == "checkin" and second["eligibility"] == elig
+    s = ledger.summarize(tmp_path)
+    assert s.by_kind == {"registration": (1, len(data)), "checkin": (1, len(sent))}
+    assert s.sentence == f"2 messages, {len(data) + len(sent)} bytes: registration, check-ins; no raw data left this device"
+
+
+@pytest.mark.parametrize("kind, payload, reason", [
+    (ledger.REGISTRATION, {"name": "device-1", "public_key": KEY_HEX, "notes": "my diary"}, "'notes'"),
+    (ledger.REGISTRATION, {"name": "my diary: today I", "public_key": KEY_HEX}, "'name'"),
+    (ledger.CHECKIN, {"eligibility": {"charging": True, "idle": True, "unmetered": True, "free_memory_mb": 1,
+                                      "location": "52.52,13.40"}}, "'eligibility.location'"),
+    (ledger.CHECKIN, {"eligibility": {"charging": "my password", "idle": True, "unmetered": True,
+                                      "free_memory_mb": 1}}, "'eligibility.charging'"),
+], ids=["extra-field", "text-name", "extra-eligibility", "text-eligibility"])
+def test_registration_and_checkins_outside_their_wire_message_are_refused(tmp_path: Path, kind, payload, reason) -> None:
+    with pytest.raises(ledger.EgressRefused, match=reason):
+        ledger.check_and_record(tmp_path, "server", kind, payload, {})
+    (entry,) = _entries(tmp_path)
+    assert entry["kind"] == "refusal" and entry["requested_kind"] == kind
+    text = (tmp_path / ledger.LEDGER_FILE).read_text()
+    assert "diary" not in text and "52.52" not in text and "password" not in text  # the values are not copied
+
+
+def test_a_refusal_the_device_decides_is_recorded_and_nothing_counts_as_sent(tmp_path: Path) -> None:
+    ledger.record_refusal(tmp_path, "https://server", "task", "round 3: the task's noise multiplier 0 is below ...")
+    (entry,) = _entries(tmp_path)
+    assert entry["kind"] == "refusal" and entry["requested_kind"] == "task" and "round 3" in entry["reason"]
+    s = ledger.summarize(tmp_path)
+    assert s.messages == 0 and s.refusals == 1
+    assert s.sentence == "0 messages, 0 bytes; nothing left this device; 1 request refused"

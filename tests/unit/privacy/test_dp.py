@@ -72,29 +72,48 @@ def test_noise_is_csprng_not_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not np.array_equal(dp.add_gaussian_noise(x, 0.1), x)
 
 
+def test_centred_bits_and_estimate_hand_checked() -> None:
+    # Andrew et al. 2021: b_i - 1/2, so adding or removing one device moves the sum by 1/2
+    assert dp.centred_bit(True) == 0.5 and dp.centred_bit(False) == -0.5
+    # 4 of 8 expected devices reached the sum, 3 unclipped, 1 clipped: sum = 3 * 0.5 - 0.5 = 1.0,
+    # b~ = 1.0 / 8 + 1/2 = 0.625 (the uncentred count over n would give 3 / 8 = 0.375)
+    centred = sum(dp.centred_bit(b) for b in (True, True, True, False))
+    assert dp.unclipped_estimate(centred, 8) == pytest.approx(0.625, abs=1e-15)
+    assert dp.unclipped_estimate(5.0, 10) == pytest.approx(1.0)  # all 10 unclipped
+    assert dp.unclipped_estimate(-5.0, 10) == pytest.approx(0.0)  # none
+    with pytest.raises(ValueError, match="expected_devices"):
+        dp.unclipped_estimate(0.0, 0)
+
+
 def test_adaptive_clip_geometric_update_hand_checked() -> None:
     state = dp.AdaptiveClipState(clip_norm=1.0, target_quantile=0.5, learning_rate=0.2)
-    # all 10 norms below C: b = 1, C <- exp(-0.2 * (1 - 0.5)) = exp(-0.1)
-    shrunk = dp.adapt_clip(state, num_unclipped=10, num_devices=10)
+    # b~ = 1: C <- exp(-0.2 * (1 - 0.5)) = exp(-0.1)
+    shrunk = dp.adapt_clip(state, 1.0)
     assert shrunk.clip_norm == pytest.approx(0.9048374180359595, rel=1e-12)
-    # none below: b = 0, C <- exp(+0.1)
-    assert dp.adapt_clip(state, 0, 10).clip_norm == pytest.approx(1.1051709180756477, rel=1e-12)
+    # b~ = 0: C <- exp(+0.1)
+    assert dp.adapt_clip(state, 0.0).clip_norm == pytest.approx(1.1051709180756477, rel=1e-12)
     # at the target quantile the clip stays put
-    assert dp.adapt_clip(state, 5, 10).clip_norm == pytest.approx(1.0)
-    # twice below: exp(-0.2)
-    assert dp.adapt_clip(shrunk, 10, 10).clip_norm == pytest.approx(math.exp(-0.2), rel=1e-12)
-    noisy = dp.AdaptiveClipState(clip_norm=1.0, count_noise_std=2.0)
-    assert dp.adapt_clip(noisy, 10, 10, seed=1) == dp.adapt_clip(noisy, 10, 10, seed=1)
-    assert dp.adapt_clip(noisy, 10, 10, seed=1).clip_norm != shrunk.clip_norm
-    with pytest.raises(ValueError):
-        dp.adapt_clip(state, 11, 10)
+    assert dp.adapt_clip(state, 0.5).clip_norm == pytest.approx(1.0)
+    # twice b~ = 1: exp(-0.2); the estimate 0.625 above: exp(-0.2 * 0.125) = 0.9753099120283326
+    assert dp.adapt_clip(shrunk, 1.0).clip_norm == pytest.approx(math.exp(-0.2), rel=1e-12)
+    assert dp.adapt_clip(state, 0.625).clip_norm == pytest.approx(0.9753099120283326, rel=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        dp.adapt_clip(state, float("nan"))
 
 
-def test_adjusted_noise_multiplier_and_noised_bound_hand_checked() -> None:
-    # (1^-2 - (2 * 1)^-2)^-1/2 = (0.75)^-1/2
-    assert dp.adjusted_noise_multiplier(1.0, 1.0) == pytest.approx(1.1547005383792517)
-    with pytest.raises(ValueError, match="too small"):
-        dp.adjusted_noise_multiplier(1.0, 0.4)
+def test_theorem_1_update_noise_multiplier_hand_checked() -> None:
+    # (1^-2 - (2 * 1)^-2)^-1/2 = (0.75)^-1/2; (1 - 1/25)^-1/2 = 0.96^-1/2 for sigma_b = 2.5
+    assert dp.adjusted_noise_multiplier(1.0, 1.0) == pytest.approx(1.1547005383792517, rel=1e-12)
+    z_delta = dp.adjusted_noise_multiplier(1.0, 2.5)
+    assert z_delta == pytest.approx(1.0206207261596576, rel=1e-12)
+    # the pair is one Gaussian with the total z: z_Delta^-2 + (2 sigma_b)^-2 = z^-2
+    assert z_delta**-2 + (2 * 2.5) ** -2 == pytest.approx(1.0, rel=1e-12)
+    for bad in (0.4, 0.5, 0.0):  # sigma_b must be above z / 2 = 0.5
+        with pytest.raises(ValueError, match="privacy.count_noise_std must be above"):
+            dp.adjusted_noise_multiplier(1.0, bad)
+
+
+def test_noised_bound_hand_checked() -> None:
     assert dp.noised_norm_bound(1.0, 0.5, 100) == pytest.approx(1.0 + 0.5 * (10 + 10))
     x = dp.add_gaussian_noise(dp.clip_vector(np.full(400, 1.0), 1.0), 0.5, seed=2)
     assert dp.l2_norm(x) <= dp.noised_norm_bound(1.0, 0.5, 400)

@@ -8,7 +8,18 @@ import torch
 
 from pocketfed import codec
 from pocketfed.config import Codec, DPMode
-from pocketfed.privacy.pipeline import PrivacyPlan, device_privatize, finish, plain_mean, server_sum
+from pocketfed.privacy.pipeline import (
+    PrivacyPlan,
+    bit_sum,
+    clip_estimate,
+    device_privatize,
+    finish,
+    plain_mean,
+    secure_bound,
+    secure_length,
+    server_sum,
+    split_secure,
+)
 
 K = "m.lora_A.weight"
 
@@ -74,3 +85,59 @@ def test_plain_mean_weighs_by_tokens():
     with pytest.raises(ValueError):
         plain_mean([upd(1.0)], [0.0])
     assert math.isclose(float(plain_mean([upd(2.0)], [5.0])[K]), 2.0)
+
+
+def test_adaptive_bit_noise_share_and_secure_vector_bounds():
+    plan = PrivacyPlan(dp=DPMode.distributed, clip_norm=2.0, noise_multiplier=1.0, expected_devices=4, secagg=True,
+                       adaptive_clip=True, count_noise_std=2.0)
+    assert plan.device_count_noise_std == pytest.approx(1.0)  # sigma_b / sqrt(n) = 2 / 2
+    assert plan.bit_bound == pytest.approx(11.5)  # 1/2 + 1 * (sqrt(1) + 10)
+    assert secure_length(plan, 16) == 17  # the centred bit rides as one more coordinate
+    # hypot(C + s (sqrt(16) + 10), 11.5) = hypot(16, 11.5) = sqrt(388.25)
+    assert secure_bound(plan, 16) == pytest.approx(19.704060495238032, rel=1e-12)
+    central = PrivacyPlan(dp=DPMode.central, clip_norm=2.0, noise_multiplier=1.0, expected_devices=4,
+                          adaptive_clip=True, count_noise_std=2.0)
+    assert central.device_count_noise_std == 0.0 and central.bit_bound == 0.5  # the server adds sigma_b
+    assert secure_length(central, 16) == 16 and secure_bound(central, 16) == 2.0  # no secagg: the bit is a metric
+    plain = PrivacyPlan(dp=DPMode.distributed, clip_norm=2.0, noise_multiplier=1.0, expected_devices=4, secagg=True)
+    assert secure_length(plain, 16) == 16 and secure_bound(plain, 16) == pytest.approx(16.0)
+    with pytest.raises(ValueError, match="count_noise_std"):
+        PrivacyPlan(count_noise_std=-1.0)
+
+
+def test_device_releases_only_the_centred_bit():
+    # central DP, no secagg: the exact centred bit as the metric (the server adds the count's noise)
+    central = PrivacyPlan(dp=DPMode.central, clip_norm=1.0, adaptive_clip=True, count_noise_std=2.0)
+    up = device_privatize(upd(3.0, 4.0), central)
+    assert up.clip_bit == -0.5 and not up.unclipped and up.vector is None
+    assert device_privatize(upd(0.3, 0.4), central).clip_bit == 0.5
+    # secure aggregation: the bit is the vector's last coordinate and nothing travels in the clear
+    secure = PrivacyPlan(dp=DPMode.central, clip_norm=1.0, secagg=True, adaptive_clip=True, count_noise_std=2.0)
+    up = device_privatize(upd(0.3, 0.4), secure)
+    assert up.clip_bit is None
+    np.testing.assert_allclose(up.vector, [0.3, 0.4, 0.5], rtol=1e-6)
+    # distributed: the bit carries this device's share N(0, sigma_b^2 / n) of the count's noise
+    dist = PrivacyPlan(dp=DPMode.distributed, clip_norm=1.0, noise_multiplier=1.0, expected_devices=4, secagg=True,
+                       adaptive_clip=True, count_noise_std=2.0)
+    bits = np.array([device_privatize(upd(0.3, 0.4), dist).vector[-1] for _ in range(400)])
+    assert bits.mean() == pytest.approx(0.5, abs=4 * 1.0 / 20)  # 4 standard errors of 1 / sqrt(400)
+    assert bits.std() == pytest.approx(1.0, rel=0.15)
+    # without adaptive clipping nothing about the norm leaves the device
+    assert device_privatize(upd(3.0, 4.0), PrivacyPlan(dp=DPMode.central, clip_norm=1.0)).clip_bit is None
+
+
+def test_server_count_split_clamped_and_estimated():
+    secure = PrivacyPlan(dp=DPMode.distributed, clip_norm=1.0, noise_multiplier=1.0, expected_devices=8, secagg=True,
+                         adaptive_clip=True, count_noise_std=2.0)
+    updates, bits = split_secure(np.array([0.9, 1.2, 1.25]), secure)
+    np.testing.assert_array_equal(updates, [0.9, 1.2])
+    assert bits == 1.25
+    assert split_secure(np.array([0.9, 1.2]), PrivacyPlan(secagg=True)) == (pytest.approx([0.9, 1.2]), None)
+    # (1.25 + 0) / 8 + 1/2: distributed DP adds no server noise
+    assert clip_estimate(1.25, secure) == pytest.approx(0.65625, abs=1e-15)
+    central = PrivacyPlan(dp=DPMode.central, clip_norm=1.0, noise_multiplier=1.0, expected_devices=8,
+                          adaptive_clip=True, count_noise_std=2.0)
+    # a device claiming 100 counts as 1/2; a missing or non-finite bit as 0
+    assert bit_sum([100.0, -0.5, None, float("nan"), 0.5], central) == pytest.approx(0.5)
+    estimates = np.array([clip_estimate(0.0, central) for _ in range(400)])  # + N(0, 2^2) / 8 around 1/2
+    assert estimates.std() == pytest.approx(0.25, rel=0.15) and abs(estimates.mean() - 0.5) < 4 * 0.25 / 20

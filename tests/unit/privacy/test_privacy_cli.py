@@ -42,7 +42,24 @@ def test_calibrate_then_epsilon_round_trip() -> None:
     back = runner.invoke(_app(), ["privacy", "epsilon", "--noise-multiplier", str(z), "--delta", "1e-6",
                                   "--rounds", "200", "--sample-rate", "0.01"])
     assert back.exit_code == 0, back.output
-    assert _number_after("epsilon", back.output) == pytest.approx(8.0, rel=0.01)
+    assert _number_after("epsilon_recipients", back.output) == pytest.approx(8.0, rel=0.01)
+    assert "epsilon_coordinator inf" in " ".join(back.output.split())  # central DP: it sees each update
+
+
+def test_epsilon_prints_the_coordinators_epsilon_per_mode() -> None:
+    from pocketfed.privacy.accountant import epsilon
+
+    common = ["privacy", "epsilon", "--noise-multiplier", "2", "--delta", "1e-6", "--rounds", "200",
+              "--sample-rate", "0.01", "--dp", "distributed"]
+    # secure aggregation: it sees the sum with z = 2, unamplified, over the 10 rounds one device takes part in
+    secure = CliRunner().invoke(_app(), common + ["--secagg", "--max-participations", "10"])
+    assert secure.exit_code == 0, secure.output
+    assert _number_after("epsilon_coordinator", secure.output) == pytest.approx(epsilon(2.0, 1.0, 10, 1e-6), rel=1e-5)
+    assert _number_after("epsilon_recipients", secure.output) == pytest.approx(epsilon(2.0, 0.01, 200, 1e-6), rel=1e-5)
+    # without it, each device's own update with its share z / sqrt(n) = 2 / sqrt(16) = 0.5
+    alone = CliRunner().invoke(_app(), common + ["--devices", "16", "--max-participations", "10"])
+    assert alone.exit_code == 0, alone.output
+    assert _number_after("epsilon_coordinator", alone.output) == pytest.approx(epsilon(0.5, 1.0, 10, 1e-6), rel=1e-5)
 
 
 @pytest.mark.parametrize("args, option", [
@@ -52,6 +69,10 @@ def test_calibrate_then_epsilon_round_trip() -> None:
     (["privacy", "epsilon", "--noise-multiplier", "1", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "1.5"], "--sample-rate"),
     (["privacy", "epsilon", "--noise-multiplier", "-2", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "0.1"], "--noise-multiplier"),
     (["ledger", "--home", "/nonexistent/device-home"], "--home"),
+    (["privacy", "epsilon", "--noise-multiplier", "1", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "0.1",
+      "--max-participations", "-1"], "--max-participations"),
+    (["privacy", "epsilon", "--noise-multiplier", "1", "--delta", "1e-6", "--rounds", "5", "--sample-rate", "0.1",
+      "--dp", "distributed"], "--devices"),
 ])
 def test_bad_values_raise_user_error_naming_the_option(args: list[str], option: str) -> None:
     result = CliRunner().invoke(_app(), args)

@@ -8,9 +8,11 @@ Routes (OpenAPI at /openapi.json, docs at /docs):
     PUT  /v1/rounds/{id}/upload?offset  signed: one chunk (application/octet-stream)
     POST /v1/rounds/{id}/commit         signed: size, sha256, tokens, metrics -> recorded
     GET  /v1/rounds/{id}/secagg         signed: the secure-aggregation stage and this device's view of it
-    POST /v1/rounds/{id}/secagg/{kind}  signed: a step-0/1/3 message (safetensors; kind = keys, shares, unmask);
+    POST /v1/rounds/{id}/secagg/{kind}  signed: a step-0/1/2'/3 message (safetensors; kind = keys, shares,
+                                        consistency, unmask);
                                         step 2 (the masked input) is the upload + commit above
-    GET  /v1/release/latest, /v1/release/key, /v1/status     public
+    GET  /v1/release/latest, /v1/release/key                 public
+    GET  /v1/status                     operator: `Authorization: Bearer <token>` (`server.operator`)
 
 Every refusal is a 4xx with `{"error": code, "detail": sentence}`. Request bodies are capped
 before they are read (`CHUNK_MAX_BYTES` for uploads, `JSON_MAX_BYTES` otherwise). A background
@@ -31,7 +33,7 @@ import contextlib
 import time
 from typing import Any, Callable, TypeVar
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pocketfed.server import coordinator as co
+from pocketfed.server import operator
 from pocketfed.protocol import secagg_wire as sw
 from pocketfed.protocol import auth, wire
 
@@ -49,7 +52,7 @@ STATUS = {
     co.NOT_ENROLLED: 403, co.ENROLLMENT_REFUSED: 403,
     co.WRONG_STAGE: 409, co.NOT_IN_COHORT: 403, co.INVALID_SECAGG: 422,
 }
-SECAGG_KINDS = {"keys": sw.KEYS, "shares": sw.SHARES, "unmask": sw.UNMASK}
+SECAGG_KINDS = {"keys": sw.KEYS, "shares": sw.SHARES, "consistency": sw.CONSISTENCY, "unmask": sw.UNMASK}
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": wire.ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422)
 }
@@ -105,7 +108,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float = 0.5) -> FastAPI:
+def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float = 0.5,
+               operator_token: str | None = None) -> FastAPI:
+    """The app over `c`. `operator_token` guards /v1/status; None: the state folder's
+    (`operator.load_or_create`, made on first use)."""
+    token = operator_token if operator_token is not None else operator.load_or_create(c.store.folder)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         async def ticker() -> None:
@@ -276,9 +284,10 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
             "schema": {"type": "string", "format": "binary", "maxLength": wire.JSON_MAX_BYTES}}}}},
     )
     async def secagg_message(raw: Request, round_id: int = Path(ge=0, le=2**62),
-                             kind: str = Path(pattern=r"^(keys|shares|unmask)$"),
+                             kind: str = Path(pattern=r"^(keys|shares|consistency|unmask)$"),
                              request: auth.SignedRequest = Depends(signed)) -> wire.Accepted:
-        """A step-0 (keys), step-1 (shares) or step-3 (unmask) message as safetensors arrays."""
+        """A step-0 (keys), step-1 (shares), step-2' (consistency) or step-3 (unmask) message as
+        safetensors arrays."""
         body = await raw.body()
         now = clock()
         await as_device(request, lambda device: co.secagg_message(c, round_id, device, SECAGG_KINDS[kind], body, now))
@@ -298,9 +307,11 @@ def create_app(c: co.Coordinator, clock: Clock = time.time, tick_every_s: float 
 
         return wire.ReleaseKey(public_key=public_hex(c.release_key))
 
-    @app.get(f"{wire.PREFIX}/status", response_model=wire.StatusResponse)
-    async def status() -> wire.StatusResponse:
-        """Rounds, devices and metrics (counts only: no device names)."""
+    @app.get(f"{wire.PREFIX}/status", response_model=wire.StatusResponse, responses=ERRORS)
+    async def status(authorization: str | None = Header(None)) -> wire.StatusResponse:
+        """Rounds, devices and round-level aggregates (no device names, nothing per device), for the
+        operator: `Authorization: Bearer <token>` with the token in the state folder's operator.token."""
+        operator.check(authorization, token)  # before any work: a refused request reads nothing
         return wire.StatusResponse(**await threaded(co.status, c, clock()))
 
     return app
