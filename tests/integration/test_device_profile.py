@@ -2,8 +2,9 @@
 against `pocketfed server` and its whole process's peak RSS (VmHWM) stays within the profile's
 budget (watch 512 MB, phone 1,536 MB).
 
-One coordinator (TLS, enrollment tokens), two training rounds of goal 1; the watch device trains
-round 0, then the phone device round 1, one at a time so each process's peak is its own. Each
+One coordinator (TLS, enrollment tokens), two training rounds of goal 1 (overselect 2: with both
+devices registered the sample rate is 1); the watch device trains round 0, then the phone device
+round 1, one at a time so each process's peak is its own. Each
 device reports its VmHWM when it stops (`finished: ... peak_rss_mb=`); the test also reads it from
 /proc/<pid>/status while the device runs. Waits are progress-based: a process that is alive and
 still writing its log (or growing) is waited for; one that stalls for STALL_S fails the test.
@@ -31,7 +32,7 @@ CONFIG = {
     "data": {"seq_len": 64, "min_train_tokens": 32, "test_fraction": 0.2},
     "train": {"steps": 2, "batch_size": 2, "lr": 1e-3},
     "sim": {"rounds": 2, "seed": 0},
-    "deploy": {"goal": 1, "overselect": 1.0, "quorum": 1, "deadline_s": 600.0, "retry_s": 0.5},
+    "deploy": {"goal": 1, "overselect": 2.0, "quorum": 1, "deadline_s": 600.0, "retry_s": 0.5},
 }
 BUDGET = {"watch": 512.0, "phone": 1536.0}
 TEXT = ("My watch keeps a list of the walks I take along the river in the morning, and my phone keeps "
@@ -88,8 +89,9 @@ def test_watch_and_phone_devices_train_within_their_budgets(tmp_path):
     server = start("server", ["server", "--db", str(db), "--port", str(port), "--tls", "certs", "--config", "cfg.yaml"])
     device = None
     try:
-        wait_progress("the server's first round", alive=lambda: server.poll() is None,
-                      done=lambda: bool(db_rows(db, "SELECT round_id FROM rounds WHERE status = 'open'")),
+        # no round opens before a quorum of devices is registered: wait for the server's state (version 0)
+        wait_progress("the server's state", alive=lambda: server.poll() is None,
+                      done=lambda: (db / "state.sqlite").exists() and bool(db_rows(db, "SELECT 1 FROM versions")),
                       progress=lambda: (log("server"), vm_hwm_mb(server.pid)))
         enrolled = subprocess.run(py + ["enroll", "--db", str(db), "--count", "2"], cwd=tmp_path, env=env,
                                   capture_output=True, text=True)

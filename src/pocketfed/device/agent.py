@@ -10,7 +10,7 @@
              the device task (`pocketfed.device.task.run_task`, the simulator's own code): train,
              then the privacy pipeline `device_privatize` under the task's PrivacyPlan
              (clip -> noise share -> encode, or the clipped vector for secure aggregation)
-             -> egress ledger (`check_and_record`) -> upload, or the four secagg stages (`secure_upload`)
+             -> egress ledger (`check_and_record`) -> upload, or the five secagg stages (`secure_upload`)
     until    the server says training is finished (or --max-rounds updates were sent)
 
 Memory: with --profile the process stays within the profile's budget (its whole-process peak

@@ -31,11 +31,17 @@ class PrivacyRun:
     clip: dp.AdaptiveClipState
 
     def after_round(self, plan: PrivacyPlan, noised: int, estimate: float | None,
-                    sample_rate: float | None = None) -> PrivacyRun:
+                    sample_rate: float | None = None, dim: int | None = None) -> PrivacyRun:
         """The run after a round whose sum holds the noise of `noised` devices (under distributed
         DP; every contribution), sampled at `sample_rate` (None: the ledger's), with the noised
-        unclipped estimate b~ (None without adaptive clipping)."""
+        unclipped estimate b~ (None without adaptive clipping). `dim`, the update's length, is
+        needed under the distributed discrete Gaussian, whose rounding raises the sensitivity
+        (`PrivacyPlan.noise_scale`)."""
         z = self.ledger.noise_multiplier  # the total z: update and count together (Theorem 1)
+        if plan.discrete:
+            if dim is None:
+                raise ValueError("after_round under the distributed discrete Gaussian needs the update's length (dim=)")
+            z *= plan.noise_scale(dim)
         distributed = plan.dp is DPMode.distributed
         n = plan.expected_devices
         ledger = accountant.step(

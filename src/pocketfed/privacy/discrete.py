@@ -64,7 +64,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
 
 from pocketfed.privacy.dp import clip_vector, uniform_open01
 
@@ -397,6 +396,9 @@ def epsilon(*, rounds: int, delta: float, num_devices: int, sigma_int_sq: float,
     _check_gamma(gamma)
     if rounds == 0:
         return 0.0
+    # Imported here: devices import this module to encode, and dp-accounting (+ scipy) is ~70 MB.
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
+
     l2 = rounded_l2_bound(clip_norm / gamma, dim, beta)
     l1 = rounded_l1_bound(l2, dim)
 

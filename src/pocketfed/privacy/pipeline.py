@@ -5,6 +5,12 @@ Device side, `device_privatize(update, plan)`, in this order:
     2. noise     + N(0, (z C)^2 / n I), this device's share                 (distributed DP)
     3. encode    the codec (float32 / float16 / int8)                        (no secagg)
        or keep the float vector [D] for fixed-point masking (`pocketfed.privacy.secagg`)
+   Under distributed DP with secure aggregation, steps 2-3 are the distributed discrete Gaussian
+   (Kairouz, Liu, Steinke, ICML 2021; `pocketfed.privacy.discrete`): the clipped vector is rounded
+   at random to the grid 2^-f (conditional stochastic rounding, unbiased, L2 norm <= D2) and gets
+   integer noise N_Z(0, (z C / sqrt(n) / 2^-f)^2) there, so no float noise is rounded afterwards
+   (a float sampler leaks through its low bits; the sum of integers is exact). The accountant sees
+   the rounding's larger sensitivity D2 2^-f instead of C (`PrivacyPlan.sensitivity`).
    With adaptive clipping the device also releases its centred bit b_i - 1/2 (+ N(0, sigma_b^2 / n)
    under distributed DP): under secure aggregation as one extra coordinate of the vector [D + 1]
    (`secure_length`), so the server learns only the sum; otherwise as the upload's "unclipped" metric.
@@ -70,6 +76,16 @@ class PrivacyPlan:
             raise ValueError(f"count_noise_std must be >= 0, not {self.count_noise_std}")
 
     @property
+    def discrete(self) -> bool:
+        """Whether the device noise is the distributed discrete Gaussian (distributed DP under secagg)."""
+        return self.secagg and self.dp is DPMode.distributed
+
+    @property
+    def gamma(self) -> float:
+        """The fixed-point grid step 2^-f of secure aggregation."""
+        return 2.0 ** -self.frac_bits
+
+    @property
     def private(self) -> bool:
         """Whether updates are clipped and weigh the same (DP or secure aggregation)."""
         return self.dp is not DPMode.none or self.secagg
@@ -100,7 +116,36 @@ class PrivacyPlan:
         C plus the tail bound of its noise share (`dp.noised_norm_bound`). The fixed-point encoding of
         secure aggregation is sized for it, and the server clips decoded uploads to it."""
         std = self.device_noise_std
-        return dp.noised_norm_bound(self.clip_norm, std, dim) if std else self.clip_norm
+        bound = dp.noised_norm_bound(self.clip_norm, std, dim) if std else self.clip_norm
+        # conditional rounding may lengthen the vector to D2 <= C + gamma sqrt(d) (Kairouz et al. 2021);
+        # the discrete Gaussian is sub-Gaussian with the same std, so the tail term holds for it
+        return bound + self.gamma * float(np.sqrt(dim)) if self.discrete else bound
+
+    def noise_scale(self, dim: int) -> float:
+        """How much less protection the round's noise gives than its nominal multiplier says:
+        C / sensitivity(dim), and under adaptive clipping also the centred bit's 1/2 over its rounded
+        bound 1/2 + 2^-f (both parts of Theorem 1's pair shrink by at least this factor). 1 unless
+        the noise is the distributed discrete Gaussian."""
+        if not self.discrete:
+            return 1.0
+        scale = self.clip_norm / self.sensitivity(dim)
+        return min(scale, 0.5 / (0.5 + self.gamma)) if self.adaptive_clip else scale
+
+    def sensitivity(self, dim: int) -> float:
+        """The L2 sensitivity the accountant uses for one device's update of `dim` values: C, or
+        under the distributed discrete Gaussian the bound D2 2^-f that conditional rounding keeps
+        (`discrete.rounded_l2_bound`), so the round's noise multiplier is std / (D2 2^-f). Raises
+        ValueError when the integer noise is so small that the sum of the devices' discrete
+        Gaussians is not accounted as a Gaussian (Kairouz et al. 2021's tau d above 1e-10)."""
+        if not self.discrete or not self.noise_multiplier:
+            return self.clip_norm
+        from pocketfed.privacy import discrete
+
+        sigma_int_sq = (self.device_noise_std / self.gamma) ** 2
+        if sigma_int_sq < 1 or not discrete.tau_is_negligible(self.expected_devices, sigma_int_sq, dim, rounds=1):
+            raise ValueError(f"the discrete Gaussian's noise per device ({sigma_int_sq ** 0.5:.3g} grid steps) is too small "
+                             f"to account its sum as a Gaussian: raise privacy.noise_multiplier or privacy.frac_bits")
+        return discrete.rounded_l2_bound(self.clip_norm / self.gamma, dim) * self.gamma
 
 
 def secure_length(plan: PrivacyPlan, dim: int) -> int:
@@ -146,6 +191,8 @@ def device_privatize(update: AdapterState, plan: PrivacyPlan) -> DeviceUpload:
     """Device steps 1-3 (see the module docstring)."""
     if not plan.private:
         return DeviceUpload(codec.encode(update, plan.codec), None, True)
+    if plan.discrete:
+        return _discrete_privatize(update, plan)
     x, unclipped = dp.privatize_update(update, plan.clip_norm, plan.device_noise_std)  # 1, 2
     bit = None
     if plan.adaptive_clip:  # b_i - 1/2, plus this device's share of the count's noise
@@ -155,6 +202,25 @@ def device_privatize(update: AdapterState, plan: PrivacyPlan) -> DeviceUpload:
     if plan.secagg:
         return DeviceUpload(None, x if bit is None else np.append(x, bit), unclipped)  # [D] or [D + 1]
     return DeviceUpload(codec.encode(dp.unflatten_update(x, update), plan.codec), None, unclipped, bit)  # 3
+
+
+def _discrete_privatize(update: AdapterState, plan: PrivacyPlan) -> DeviceUpload:
+    """Steps 1-3 under the distributed discrete Gaussian: clip, round at random to the grid, add
+    integer noise; the centred bit likewise. An int64 vector [D] or [D + 1] in grid units, which
+    `secagg.encode` only reduces mod 2^k."""
+    from pocketfed.privacy import discrete
+
+    x, unclipped = dp.privatize_update(update, plan.clip_norm, 0.0)  # 1. clip
+    gamma = plan.gamma
+    q = discrete.quantize(x, plan.clip_norm, gamma)  # 2. conditional stochastic rounding
+    if plan.device_noise_std:  # 3. integer noise
+        q = q + discrete.discrete_gaussian(q.size, (plan.device_noise_std / gamma) ** 2)
+    if plan.adaptive_clip:
+        bit = discrete.conditional_stochastic_round(np.array([dp.centred_bit(unclipped)]), gamma, 0.5 + gamma)
+        if plan.device_count_noise_std:
+            bit = bit + discrete.discrete_gaussian(1, (plan.device_count_noise_std / gamma) ** 2)
+        q = np.append(q, bit)
+    return DeviceUpload(None, q, unclipped)
 
 
 def plain_mean(updates: list[AdapterState], weights: list[float]) -> AdapterState:

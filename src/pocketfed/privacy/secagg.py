@@ -142,8 +142,18 @@ def _dtype(bits: int) -> type[np.unsignedinteger]:
 
 
 def encode(x: np.ndarray, clip_norm: float, frac_bits: int, bits: int) -> np.ndarray:
-    """Clip to L2 norm C, then round(x * 2^f) mod 2^k as unsigned words [D]."""
-    q = np.rint(clip_vector(x, clip_norm) * 2.0**frac_bits).astype(np.int64)
+    """Clip to L2 norm C, then round(x * 2^f) mod 2^k as unsigned words [D].
+
+    An integer vector is already on the grid 2^-f (the distributed discrete Gaussian's output,
+    `pocketfed.privacy.discrete`): it is checked against the bound the modulus is sized for and
+    only reduced mod 2^k."""
+    if np.issubdtype(np.asarray(x).dtype, np.integer):
+        q = np.asarray(x, dtype=np.int64)
+        limit = math.floor(clip_norm * 2**frac_bits) + 1
+        if q.size and int(np.abs(q).max()) > limit:
+            raise SecAggError(f"an integer input entry exceeds {limit}, the bound the modulus is sized for")
+    else:
+        q = np.rint(clip_vector(x, clip_norm) * 2.0**frac_bits).astype(np.int64)
     return (q.astype(np.uint64) & np.uint64(2**bits - 1)).astype(_dtype(bits))
 
 

@@ -136,7 +136,8 @@ def empty_round(state: ServerState, privacy: PrivacyRun | None, plan: PrivacyPla
     out = skip(state)
     if privacy is None or sample_rate == 0:
         return out
-    privacy = privacy.after_round(plan, plan.expected_devices, None, sample_rate)
+    privacy = privacy.after_round(plan, plan.expected_devices, None, sample_rate,
+                                  dim=sum(t.numel() for t in state.params.values()))
     return Outcome(out.state, privacy, {**out.metrics, "sample_rate": sample_rate, "clip_norm": privacy.clip.clip_norm,
                                         "unclipped_fraction": None,
                                         "epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),
@@ -261,7 +262,8 @@ def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[C
             centred = bits if bits is not None else pipeline.bit_sum([c.clip_bit for c in contributions], plan)
             estimate = pipeline.clip_estimate(centred, plan)
         metrics.update({"clip_norm": privacy.clip.clip_norm, "unclipped_fraction": estimate})
-        privacy = privacy.after_round(plan, len(contributions), estimate, sample_rate)
+        privacy = privacy.after_round(plan, len(contributions), estimate, sample_rate,
+                                      dim=sum(t.numel() for t in mean.values()))
         metrics.update({"epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),  # None: unbounded
                         "epsilon_coordinator": finite_or_none(privacy.ledger.epsilon_coordinator),
                         "delta": privacy.ledger.delta})

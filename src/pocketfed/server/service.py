@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import load as st_load
 
 from pocketfed import codec
-from pocketfed.config import RunConfig, load_config, to_dict
+from pocketfed.config import DPMode, RunConfig, load_config, to_dict
 from pocketfed.errors import UserError
-from pocketfed.privacy import secagg
+from pocketfed.privacy import pipeline, secagg
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
 from pocketfed.privacy.pipeline import PrivacyPlan
 from pocketfed.protocol import secagg_wire as sw
@@ -173,9 +173,11 @@ def _check_secagg_config(cfg: RunConfig, dim: int) -> None:
     if n < 2:
         raise UserError("privacy.secagg needs deploy.goal of at least 2 (the threshold t is at least 2)")
     plan = engine.round_plan(cfg, None, n)
-    plan = replace(plan, noise_multiplier=p.noise_multiplier or 1.0)  # a bound for a calibrated z too
+    plan = replace(plan, noise_multiplier=p.noise_multiplier or 1.0,  # a bound for a calibrated z too
+                   adaptive_clip=p.dp is not DPMode.none and p.adaptive_clip, count_noise_std=p.count_noise_std)
     try:
-        secagg.SecAggConfig(0, n, dim, secagg.default_threshold(n, p.secagg_degree), plan.upload_bound(dim), p.frac_bits)
+        secagg.SecAggConfig(0, n, pipeline.secure_length(plan, dim), secagg.default_threshold(n, p.secagg_degree),
+                            pipeline.secure_bound(plan, dim), p.frac_bits)
     except ValueError as e:
         raise UserError(f"privacy.secagg with deploy.goal={n}, privacy.clip_norm={p.clip_norm}, "
                         f"privacy.frac_bits={p.frac_bits}: {e}") from None
