@@ -361,7 +361,9 @@ def run() -> list[dict[str, Any]]:
                 "checkins_per_s": round(len(steady) / (CHECKIN_S - POLL_S), 1),
                 "offered_per_s": round(CHECKIN_DEVICES / POLL_S, 1),
                 "register_per_s": round(CHECKIN_DEVICES / res["register_wall_s"], 1),
-                "notes": f"{DEVICES} tasks in the round, the others told to come back; registration up front" + _first_error(errors),
+                "notes": (f"{poll['tasks']} of {len(poll['lat'])} check-ins got a task (a task is the heavier answer): the "
+                          f"open round was drawn at q = 1 from the {DEVICES} devices registered then, and devices that register "
+                          f"during a round are drawn at its q; registration up front") + _first_error(errors),
             })
             rows.append({
                 "name": f"coordinator: {CHECKIN_DEVICES} devices checking in at once (HTTPS, loopback)",
