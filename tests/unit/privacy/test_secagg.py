@@ -59,7 +59,7 @@ class setup_round:  # noqa: N801 (read as a function: the round, steps 0-1 done 
             self.states[u], sig = sa.sign_survivors(self.states[u], sa.ConsistencyRequest(self.config.round_id, survivors))
             signatures.append(sig)
         everyone = frozenset(range(self.config.cohort_size)) if shared is None else shared
-        return sa.unmask_request(self.config, self.cohort, sa.ConsistencyRequest(self.config.round_id, survivors),
+        return sa.unmask_request(self.config, sa.ConsistencyRequest(self.config.round_id, survivors),
                                  signatures, everyone)
 
     def respond(self, u: int, request: sa.UnmaskRequest) -> sa.UnmaskResponse:

@@ -248,3 +248,23 @@ def test_attack_inconsistent_survivor_sets_are_refused_by_the_consistency_check(
     # all the server gets from the consistent side is what an honest round with device 4 dropped gives
     total = sa.aggregate(r.config, r.cohort, r.graph, masked, to_1, responses)
     assert np.abs(total - np.sum([clip_vector(x[u], 1.0) for u in range(4)], axis=0)).max() <= sa.error_bound(5, 16)
+
+
+def test_attack_junk_consistency_signatures_count_as_not_signing() -> None:
+    """The server relays consistency signatures unverified; a device counts a junk one (or one over
+    another set) as a device that did not sign: with enough honest signers it unmasks, with fewer than
+    t valid ones it refuses, whatever the server's count of "signers" says."""
+    n = 5  # full graph, t = 3
+    r = setup_round(n, 4, seed=21)
+    survivors = frozenset(range(n))
+    for u in range(n):
+        r.mask(u, np.zeros(4))
+    honest = r.unmask_request(survivors, signers=frozenset({0, 1, 2}))
+    junk = dict(honest.signatures)
+    junk.update({3: bytes(64), 4: bytes(64)})  # two junk signatures the server did not check
+    forged = sa.UnmaskRequest(honest.round_id, honest.survivors, honest.dropped, junk)
+    r.respond(0, forged)  # itself, 1 and 2: t = 3 valid, the junk ones skipped
+    few = {v: junk[v] for v in (0, 3, 4)}  # one valid besides its own: 2 < t
+    r.states[1] = dataclasses.replace(r.states[1], confirmed=None)
+    with pytest.raises(sa.SecAggError, match="refusing to unmask"):
+        r.respond(1, sa.UnmaskRequest(honest.round_id, honest.survivors, honest.dropped, few))
