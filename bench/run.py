@@ -52,6 +52,13 @@ on which machine it was measured; `bench/run.py --only MODULE` re-measures one s
 the others. The machines are shared and noisy: compare ratios within a table, not across runs."""
 
 NOTES = {
+    "bench_secagg": """\
+Issue 13's targets at 100 devices: `bytes_vs_plain` within 2x and `round_time_vs_unsigned` within
+1.2 (the defences against an active server: signed adverts, the devices' directory and consistency
+checks). Measured on an idle machine; two more `bench/bench_secagg.py --quick` runs right after gave
+1.094 and 1.094 (full graph) and 1.081 and 1.076 (SecAgg+, 10% dropping). The server verifies each
+advert once, on receipt; consistency signatures are verified by the devices only (until t are valid).
+""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an
