@@ -57,14 +57,19 @@ class PrivacyRun:
     def from_json(data: dict[str, Any]) -> PrivacyRun:
         return PrivacyRun(accountant.PrivacyLedgerState.from_json_dict(data["ledger"]), dp.AdaptiveClipState(**data["clip"]))
 
+    def epsilons(self) -> dict[str, float | None]:
+        """Both epsilons spent so far and delta, JSON-safe (None for an unbounded epsilon: the
+        coordinator's under central DP, where it sees each update)."""
+        led = self.ledger
+        return {"epsilon_recipients": finite_or_none(led.epsilon_spent),
+                "epsilon_coordinator": finite_or_none(led.epsilon_coordinator), "delta": led.delta}
+
     def summary(self) -> dict[str, Any]:
         """The run's privacy for reports (JSON-safe): both epsilons (None for an unbounded one: the
         coordinator's under central DP, where it sees each update), the nominal z and q, the clip norm."""
         led = self.ledger
         return {
-            "epsilon_recipients": finite_or_none(led.epsilon_spent),
-            "epsilon_coordinator": finite_or_none(led.epsilon_coordinator),
-            "delta": led.delta, "noise_multiplier": led.noise_multiplier, "sample_rate": led.sample_rate,
+            **self.epsilons(), "noise_multiplier": led.noise_multiplier, "sample_rate": led.sample_rate,
             "rounds": led.rounds_done, "max_participations": led.max_participations,
             "clip_norm": self.clip.clip_norm, "accountant": led.method,
         }

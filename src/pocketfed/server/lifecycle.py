@@ -88,6 +88,13 @@ def _too_small(c: Coordinator, r: Round) -> bool:
     return r.sample_rate is not None and r.target < _min_cohort(c)
 
 
+def _frame(c: Coordinator, devices: list[str], idx: int) -> list[str]:
+    """`devices` less those at deploy.max_participations in training round idx's window."""
+    d = c.cfg.deploy
+    history = c.store.participants_since(sampling.cap_window(idx, d.participation_window).start) if d.max_participations else {}
+    return engine.sampling_frame(devices, history, idx, d.max_participations, d.participation_window)
+
+
 def open_round(c: Coordinator, now: float) -> Round | None:
     """Open the next round with its Poisson-sampled cohort; None while fewer devices are registered
     than a round needs (their rounds could only close empty)."""
@@ -98,9 +105,7 @@ def open_round(c: Coordinator, now: float) -> Round | None:
     latest = c.store.latest_version()
     assert latest is not None
     idx = latest.rounds_applied
-    history = (c.store.participants_since(sampling.cap_window(idx, d.participation_window).start)
-               if d.max_participations else {})
-    frame = engine.sampling_frame(registered, history, idx, d.max_participations, d.participation_window)
+    frame = _frame(c, registered, idx)
     key = sampling.fresh_key()
     cohort = engine.sample_cohort(frame, engine.cohort_target(d.goal, d.overselect), key)
     with c.store.transaction():
@@ -120,10 +125,7 @@ def sampled(c: Coordinator, r: Round, device_id: str) -> bool:
         return True
     if r.sample_key is None or r.sample_rate is None:  # a round from before Poisson sampling
         return False
-    d = c.cfg.deploy
-    history = (c.store.participants_since(sampling.cap_window(r.idx, d.participation_window).start)
-               if d.max_participations else {})
-    frame = engine.sampling_frame([device_id], history, r.idx, d.max_participations, d.participation_window)
+    frame = _frame(c, [device_id], r.idx)
     if not sampling.poisson_sample(frame, r.sample_rate, bytes.fromhex(r.sample_key)):
         return False
     c.store.add_to_cohort(r.round_id, device_id)

@@ -30,7 +30,7 @@ from pocketfed import codec
 from pocketfed.config import Codec, RunConfig
 from pocketfed.model import rank as rank_ops
 from pocketfed.privacy import accountant, pipeline, secagg
-from pocketfed.privacy.budget import PrivacyRun, finite_or_none
+from pocketfed.privacy.budget import PrivacyRun
 from pocketfed.privacy.pipeline import PrivacyPlan
 from pocketfed.protocol.messages import TrainResult
 from pocketfed.server import hetero, sampling, strategies
@@ -139,10 +139,7 @@ def empty_round(state: ServerState, privacy: PrivacyRun | None, plan: PrivacyPla
     privacy = privacy.after_round(plan, plan.expected_devices, None, sample_rate,
                                   dim=sum(t.numel() for t in state.params.values()))
     return Outcome(out.state, privacy, {**out.metrics, "sample_rate": sample_rate, "clip_norm": privacy.clip.clip_norm,
-                                        "unclipped_fraction": None,
-                                        "epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),
-                                        "epsilon_coordinator": finite_or_none(privacy.ledger.epsilon_coordinator),
-                                        "delta": privacy.ledger.delta})
+                                        "unclipped_fraction": None, **privacy.epsilons()})
 
 
 # ---- collect -------------------------------------------------------------------------------------
@@ -264,9 +261,7 @@ def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[C
         metrics.update({"clip_norm": privacy.clip.clip_norm, "unclipped_fraction": estimate})
         privacy = privacy.after_round(plan, len(contributions), estimate, sample_rate,
                                       dim=sum(t.numel() for t in mean.values()))
-        metrics.update({"epsilon_recipients": finite_or_none(privacy.ledger.epsilon_spent),  # None: unbounded
-                        "epsilon_coordinator": finite_or_none(privacy.ledger.epsilon_coordinator),
-                        "delta": privacy.ledger.delta})
+        metrics.update(privacy.epsilons())  # an unbounded epsilon is None
     return Outcome(new_state, privacy, metrics)
 
 
