@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,13 @@ demo: install  # a fresh run each time: the previous runs/demo is replaced
 	rm -rf runs/demo
 	$(VENV)/bin/pocketfed simulate --config configs/shakespeare-smollm2.yaml --out runs/demo
 
-test: install
+# The pages (the device app, the console) are tested in Debian's Chromium, driven by Playwright's
+# Python API with executable_path (Playwright's own browser download is never used).
+browser: install
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } \
+	  || { echo "make browser: could not install Debian's chromium (needs root and apt-get)"; exit 1; }
+
+test: install browser
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q --timeout 600
 
