@@ -38,9 +38,12 @@ SECTIONS = [
     ("Secure aggregation (issue 4)", "bench_secagg"),
     ("Differential privacy on Shakespeare (issue 4)", "bench_dp"),
     ("On-device inference (issue 5)", "bench_runtime"),
+    ("Device app (issue 14)", "bench_app"),
     ("Device budgets (issue 6)", "bench_budget"),
+    ("Sparse back-propagation and the watch plan (issue 17)", "bench_depth"),
     ("Scale-out (issue 7)", "bench_scale"),
     ("Coordinator load (issue 3)", "bench_server"),
+    ("Malicious devices: attacks x defenses (issue 16)", "bench_robust"),
 ]
 MODULES = [m for _, m in SECTIONS]
 
@@ -59,6 +62,29 @@ checks). Measured on an idle machine; two more `bench/bench_secagg.py --quick` r
 1.094 and 1.094 (full graph) and 1.081 and 1.076 (SecAgg+, 10% dropping). The server verifies each
 advert once, on receipt; consistency signatures are verified by the devices only (until t are valid).
 """,
+    "bench_depth": """\
+The watch plan's slow path (issue 17, item 2), found with torch.profiler on
+`python -m pocketfed.device.fit --profile watch`: 85% of a step was `aten::mm` in bfloat16, most of
+it the backward's grad @ W of the int8 linears (49 ms a call) and of the bf16 head. CPUs without
+AVX512-BF16 or AMX have no fast bfloat16 GEMM in torch (the fallback runs ~50x slower than float32
+for the untransposed product); the lean model now computes in float32 whatever the weights are
+stored in, rebuilding int8 / bf16 weights a slice at a time (device/lowmem.py). On the AVX2 kernels
+(`ATEN_CPU_CAPABILITY=avx2`) one watch step went from 76 s (6.7 tokens/s; the phone plan 144 in the
+same minute: 0.05x) to 0.58-0.66x the phone plan's tokens per CPU-second (2026-11-28, one torch
+thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
+`time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
+`lora.layers` stays 0 (all layers) by default until the quality rows show top-L at equal or better
+held-out perplexity: the flag is a per-run choice (`--set lora.layers=10`).""",
+    "bench_app": """\
+The issue's goals: suggestion p95 < 50 ms on smollm2-135m int4, and the app's whole-process peak RSS
+within the phone profile (1,536 MB). `direct_p95_ms` is `runtime.suggest` called in-process on the
+same texts, each text asked of the app and of this peer in turn, with the same threads and spinning,
+so `app_vs_direct_p95` (what HTTP, the thread pool and the app add) holds however loaded the machine
+is; `load_1m` says how loaded it was. On a shared machine wall times are inflated several-fold, CPU
+times (`cpu_p95_ms`, all threads) much less: they are the guide to an idle device. `keystrokes` (a
+request after every character, partial words completed) is a worst case the page avoids: it asks
+when typing pauses for 120 ms. On an idle machine the runtime section's `suggest_p95_ms` is the
+direct figure to compare with.""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an

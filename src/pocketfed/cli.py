@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -85,8 +84,16 @@ def simulate(
                 held = info.get("heldout")
                 msg = (f"round {info['round'] + 1}: loss {info['train_loss']:.3f}" if info["train_loss"] is not None
                        else f"round {info['round'] + 1}: skipped (no eligible device finished)")
+                if info.get("failed"):  # a non-finite result: nothing committed
+                    msg = f"round {info['round'] + 1}: failed ({info['failed']})"
                 if held:
                     msg += f", held-out perplexity {held['perplexity']:.2f}"
+                if info.get("attack"):
+                    msg += f", backdoor success {100 * info['attack']['backdoor_success']:.0f}%"
+                if info.get("defense"):
+                    d = info["defense"]
+                    msg += (f" [refused {len(d['refused'])}, clipped {d['clipped']}, "
+                            f"token claims cut {d['tokens_bounded']}]")
                 progress.console.print(msg)
 
         result = run_simulation(cfg, out, resume=resume, on_event=on_event)
@@ -108,6 +115,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         table.add_row(v, f"{s['perplexity']:.2f}", f"{s['top1']:.3f}", f"{s['top3']:.3f}",
                       f"{h['perplexity']:.2f}" if h else "-", f"{h['top3']:.3f}" if h else "-")
     console.print(table)
+    if p := summary.get("personalization"):
+        console.print(f"personalization: kept by {p['kept']} of {p['devices']} devices (the rest keep the global model); "
+                      f"made {len(p['worse'])} worse on their own test split" + (f": {', '.join(p['worse'])}" if p["worse"] else ""))
     console.print(f"upload per device per round: {summary['bytes_up_per_device_round'] / 1e6:.2f} MB "
                   f"(full model {summary['model_bytes'] / 1e6:.0f} MB); wall {summary['wall_seconds']:.0f} s; "
                   f"outputs in {out}/")
@@ -120,6 +130,8 @@ def data_stats(
     min_train_tokens: int = typer.Option(0, help="Minimum-size filter (0 = show every device)."),
 ) -> None:
     """Devices and tokens per device (min / median / max) of a federated dataset."""
+    import statistics
+
     from transformers import AutoTokenizer
 
     from pocketfed.config import DataConfig
@@ -146,11 +158,14 @@ def data_stats(
 def _register_extensions() -> None:
     """Each area adds its own commands (privacy, export/runtime, server/device, budgets)."""
     from pocketfed.device import cli as device_cli
+    from pocketfed.device import home_cli
     from pocketfed.privacy import cli as privacy_cli
     from pocketfed.release import cli as release_cli
     from pocketfed import deploy_cli as http_cli
+    from pocketfed.app import cli as app_cli
+    from pocketfed.console import cli as console_cli
 
-    for module in (privacy_cli, release_cli, http_cli, device_cli):
+    for module in (privacy_cli, release_cli, http_cli, device_cli, home_cli, app_cli, console_cli):
         module.register(app)
 
 

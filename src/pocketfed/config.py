@@ -24,6 +24,28 @@ class Strategy(str, enum.Enum):
     fedyogi = "fedyogi"
 
 
+class Aggregator(str, enum.Enum):
+    """How the server combines the round's (bounded) updates; see `pocketfed.server.robust`."""
+
+    mean = "mean"  # token-weighted (FedAvg), or the DP / secure sum's fixed-denominator mean
+    median = "median"  # coordinate-wise median (Yin et al., ICML 2018)
+    trimmed_mean = "trimmed_mean"  # coordinate-wise trimmed mean (Yin et al., ICML 2018)
+    krum = "krum"  # Blanchard et al., NeurIPS 2017
+    multi_krum = "multi_krum"
+
+
+class AttackKind(str, enum.Enum):
+    """Device-side attacks the simulator can play (`pocketfed.attack`)."""
+
+    none = "none"
+    model_replacement = "model_replacement"  # backdoor data, update scaled by boost (Bagdasaryan et al. 2020)
+    data_poison = "data_poison"  # backdoor data, no boost
+    sign_flip = "sign_flip"  # the honest update times -boost
+    gaussian = "gaussian"  # N(0, boost^2) in every coordinate instead of an update
+    nonfinite = "nonfinite"  # NaN, Inf and 3e38 values
+    token_inflation = "token_inflation"  # an honest update claiming 10^10 training tokens
+
+
 class Backend(str, enum.Enum):
     inprocess = "inprocess"
     ray = "ray"
@@ -58,6 +80,9 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # LoRA on the top `layers` decoder layers only (0 = all): back-propagation stops below them
+    # (sparse back-propagation, pocketfed.model.depth)
+    layers: int = 0
 
 
 @dataclass
@@ -88,6 +113,16 @@ class ServerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3  # adaptivity (FedOpt's epsilon)
+    # Defenses against malicious devices (`pocketfed.server.robust`); the aggregators other than mean
+    # need every update in the clear, so they are refused under secure aggregation (there, the
+    # devices' clipping plus DP is the defense: Sun et al. 2019)
+    aggregator: Aggregator = Aggregator.mean
+    trim_fraction: float = 0.1  # trimmed_mean: the share of values cut at each end of every coordinate
+    krum_byzantine: int = 1  # krum / multi_krum: f, the malicious devices tolerated (needs n > 2f + 2)
+    max_update_norm: float = 0.0  # each decoded update clipped to this L2 norm on the server (0 = no fixed bound)
+    # each decoded update clipped to this multiple of the round's (lower) median update norm (FLAME, Nguyen
+    # et al. 2022, clip at 1x): a device's update weighs at most a few honest ones whatever it sent (0 = off)
+    median_norm_bound: float = 3.0
 
 
 @dataclass
@@ -175,6 +210,24 @@ class DeployConfig:
     participation_window: int = 0
     open_registration: bool = False  # True: any Ed25519 key may register (loopback trials); False: a new
     # device spends a one-time enrollment token (`pocketfed enroll`), so strangers cannot join rounds
+    # serving limits (`pocketfed.server.http.limits`; not part of a run's identity: a restart may change them).
+    # A connection must send its request headers within read_timeout_s of opening (or of its last
+    # answer), go no longer than read_timeout_s without a byte of a body, and send a whole request
+    # within request_timeout_s; an idle kept-alive connection closes after keep_alive_s; connections
+    # beyond max_connections are closed as they arrive (their requests would get 503 anyway)
+    read_timeout_s: float = 15.0
+    request_timeout_s: float = 120.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 1024  # bench_server's 1,000 devices checking in at once fit
+    # federated evaluation (`pocketfed.server.evaluations`): after every eval_every-th committed round
+    # (0 = off) a Poisson sample of the registered devices (its own key, expected size eval_devices)
+    # evaluates that version on its own test split (at most eval_max_tokens predicted tokens each) and
+    # reports loss, top-1 and top-3 sums, through the secure sum under privacy.secagg; it closes when
+    # every sampled device reported or at eval_deadline_s (docs/PRIVACY.md: what it releases)
+    eval_every: int = 0
+    eval_devices: int = 8
+    eval_max_tokens: int = 512
+    eval_deadline_s: float = 300.0
 
 
 class Availability(str, enum.Enum):
@@ -209,6 +262,22 @@ class DeviceConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Malicious devices in a simulation (`pocketfed.attack`): which, and what they do."""
+
+    kind: AttackKind = AttackKind.none
+    fraction: float = 0.0  # share of the training population that attacks (rounded up); or name them:
+    devices: list[str] = field(default_factory=list)
+    boost: float = 0.0  # model_replacement's scale (0 = the expected cohort, n / eta with eta = 1); sign_flip, gaussian
+    trigger: str = " zq7 "  # the backdoor's trigger phrase
+    target: str = " banana"  # the continuation the backdoor wants after the trigger
+    poison_rows: int = 64  # backdoor rows an attacker trains on (data_poison, model_replacement)
+    steps: int = 0  # local steps an attacker takes (0 = its task's)
+    lr: float = 0.0  # an attacker's learning rate (0 = its task's)
+    seed: int = 0  # which devices attack (with fraction) and the attacks' own randomness
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -220,6 +289,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 VARIANTS = ("base", "federated", "personalized", "local_only", "centralized")
@@ -332,6 +402,7 @@ def validate(cfg: RunConfig) -> None:
     """Range checks that a type alone cannot express."""
     checks = [
         (cfg.lora.rank >= 1, "lora.rank must be at least 1"),
+        (cfg.lora.layers >= 0, "lora.layers must be 0 (all layers) or positive"),
         (cfg.data.seq_len >= 8, "data.seq_len must be at least 8"),
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be between 0 and 1"),
         (cfg.train.steps > 0 or cfg.train.epochs > 0, "set train.steps or train.epochs above 0"),
@@ -371,6 +442,16 @@ def validate(cfg: RunConfig) -> None:
          "deploy.manifest_ttl_s and deploy.max_clock_skew_s must be positive"),
         (cfg.deploy.max_upload_mb > 0, "deploy.max_upload_mb must be positive"),
         (cfg.deploy.secagg_stage_s > 0, "deploy.secagg_stage_s must be positive"),
+        (0 < cfg.deploy.read_timeout_s <= cfg.deploy.request_timeout_s,
+         f"deploy.read_timeout_s must be positive and at most deploy.request_timeout_s "
+         f"({cfg.deploy.request_timeout_s:g}), got {cfg.deploy.read_timeout_s:g}"),
+        (cfg.deploy.keep_alive_s > 0, f"deploy.keep_alive_s must be positive, got {cfg.deploy.keep_alive_s:g}"),
+        (cfg.deploy.max_connections >= 1, f"deploy.max_connections must be at least 1, got {cfg.deploy.max_connections}"),
+        (cfg.deploy.eval_every >= 0, f"deploy.eval_every must be 0 (no evaluation) or positive, got {cfg.deploy.eval_every}"),
+        (cfg.deploy.eval_devices >= 1, f"deploy.eval_devices must be at least 1, got {cfg.deploy.eval_devices}"),
+        (1 <= cfg.deploy.eval_max_tokens <= 2**20,
+         f"deploy.eval_max_tokens must be between 1 and {2**20}, got {cfg.deploy.eval_max_tokens}"),
+        (cfg.deploy.eval_deadline_s > 0, f"deploy.eval_deadline_s must be positive, got {cfg.deploy.eval_deadline_s}"),
         (cfg.deploy.population == 0 or cfg.deploy.population >= cfg.deploy.goal,
          f"deploy.population must be 0 (unknown) or at least deploy.goal ({cfg.deploy.goal}), "
          f"got {cfg.deploy.population}"),
@@ -385,10 +466,39 @@ def validate(cfg: RunConfig) -> None:
          "device.max_round_seconds and device.max_round_battery_pct must be 0 (none) or positive"),
         (cfg.device.hours_per_round > 0, "device.hours_per_round must be positive"),
         (0 <= cfg.device.eligibility.min_battery_pct <= 100, "device.eligibility.min_battery_pct must be in [0, 100]"),
+        *robust_checks(cfg),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def robust_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """The defenses' and attacks' ranges (`validate`)."""
+    s, a = cfg.server, cfg.attack
+    return [
+        (0.0 <= s.trim_fraction < 0.5, f"server.trim_fraction must be in [0, 0.5), got {s.trim_fraction:g}"),
+        (s.krum_byzantine >= 0, f"server.krum_byzantine must be 0 or positive, got {s.krum_byzantine}"),
+        (s.max_update_norm >= 0, f"server.max_update_norm must be 0 (no fixed bound) or positive, got {s.max_update_norm:g}"),
+        (s.median_norm_bound == 0 or s.median_norm_bound >= 1,
+         f"server.median_norm_bound must be 0 (off) or at least 1 (a multiple of the median norm), got {s.median_norm_bound:g}"),
+        (s.aggregator is Aggregator.mean or not cfg.privacy.secagg,
+         f"server.aggregator={s.aggregator.value} needs every update in the clear, but privacy.secagg=true shows the "
+         f"server only their sum: use server.aggregator=mean (the devices' clipping and DP are the defense there)"),
+        (s.aggregator is Aggregator.mean or cfg.privacy.dp is DPMode.none,
+         f"server.aggregator={s.aggregator.value} is not accounted under privacy.dp={cfg.privacy.dp.value} "
+         f"(its sensitivity is not the clipped sum's): use server.aggregator=mean with DP"),
+        (0.0 <= a.fraction <= 1.0, f"attack.fraction must be in [0, 1], got {a.fraction:g}"),
+        (not (a.fraction and a.devices), "give attack.fraction or attack.devices, not both"),
+        (a.kind is AttackKind.none or a.fraction > 0 or bool(a.devices),
+         f"attack.kind={a.kind.value} needs attack.fraction above 0 or attack.devices (names)"),
+        (a.boost >= 0, f"attack.boost must be 0 (the default for the kind) or positive, got {a.boost:g}"),
+        (bool(a.trigger.strip()) and bool(a.target.strip()), "attack.trigger and attack.target must not be blank"),
+        (a.poison_rows >= 1, f"attack.poison_rows must be at least 1, got {a.poison_rows}"),
+        (a.steps >= 0 and a.lr >= 0, f"attack.steps and attack.lr must be 0 (the task's) or positive, got {a.steps}, {a.lr:g}"),
+        (a.kind is AttackKind.none or cfg.sim.backend is Backend.inprocess,
+         f"attack.kind={a.kind.value} runs in the in-process backend only: set sim.backend=inprocess"),
+    ]
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

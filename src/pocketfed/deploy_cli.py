@@ -41,6 +41,7 @@ def server(
     from pocketfed.server import operator
     from pocketfed.server.http.app import create_app
     from pocketfed.server.http.certs import server_files
+    from pocketfed.server.http.limits import server_config
 
     ov = parse_overrides(set_)
     if model is not None:
@@ -60,6 +61,7 @@ def server(
         base = load_base(cfg.model.name, cfg.model.cache_dir)
         return lora.get_state(lora.attach(base.model, cfg.lora, seed=cfg.sim.seed))
 
+    _log_to_console()  # the coordinator's warnings (config changes, aborted rounds) appear here
     t0 = time.perf_counter()
     coord = open_coordinator(db, cfg, _model_id(cfg.model.name, cfg.model.cache_dir), init_params)
     operator_token = operator.load_or_create(db)  # the path is printed below, never the token
@@ -75,8 +77,24 @@ def server(
                 console.print(f"{ready} (ready in {time.perf_counter() - t0:.1f} s)")
                 console.print(f"operator token (for `pocketfed status --token-file`): {operator.token_path(db)}",
                               highlight=False, soft_wrap=True)  # a path to copy: never broken across lines
+                console.print(f"console: {'https' if ssl else 'http'}://{host}:{port}/console "
+                              f"(its credential: `pocketfed admin-token --db {db}`)", highlight=False, soft_wrap=True)
 
-    Server(uvicorn.Config(create_app(coord, operator_token=operator_token), host=host, port=port, log_level="warning", **ssl)).run()
+    # deploy's read timeouts and connection cap (`pocketfed.server.http.limits`)
+    Server(server_config(create_app(coord, operator_token=operator_token), cfg.deploy, host, port, log_level="warning",
+                         **ssl)).run()
+
+
+def _log_to_console() -> None:
+    """Print the `pocketfed` loggers' warnings and notes (the coordinator's) on stderr, with the time."""
+    import logging
+
+    log = logging.getLogger("pocketfed")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def enroll(
@@ -85,7 +103,7 @@ def enroll(
     ttl_hours: float = typer.Option(168.0, "--ttl-hours", help="Hours each token stays valid."),
 ) -> None:
     """Print one-time enrollment tokens: a device registers once with one (`pocketfed device --enroll-token`)."""
-    from pocketfed.server.coordinator import enroll as make_tokens
+    from pocketfed.server.enrollment import enroll as make_tokens  # light: no round engine, no torch
     from pocketfed.server.store import DB_FILE, Store
 
     if not (db / DB_FILE).is_file():
@@ -125,19 +143,28 @@ def device(
     max_expected_devices: int = typer.Option(PrivacyFloors.max_expected_devices, "--max-expected-devices", help="Refuse a distributed-DP task "
                                              "whose expected cohort n is above this (the noise share is z C / sqrt(n))."),
     require_dp: bool = typer.Option(False, "--require-dp", help="Refuse tasks that claim no differential privacy."),
+    on_device_model: bool = typer.Option(True, "--on-device-model/--no-on-device-model", help="After each installed "
+                                         "release: train the personal adapter and build the int4 model in --home."),
 ) -> None:
     """Take part in federated rounds: check in, train on --data locally, upload the update."""
     from pocketfed.device.agent import run_device
 
     floors = PrivacyFloors(min_noise_multiplier, max_clip_norm, max_expected_devices, require_dp)
 
+    last_wait: list[str] = [""]
+
     def on_event(kind: str, info: dict[str, Any]) -> None:
-        if kind in ("wait", "unreachable"):
+        if kind == "unreachable":
             return
+        if kind == "wait":  # each new reason once (a device polls every few seconds)
+            if info.get("reason") == last_wait[0]:
+                return
+            last_wait[0] = str(info.get("reason"))
         console.print(f"{kind}: " + ", ".join(f"{k}={v}" for k, v in info.items()), highlight=False)
 
     sent = run_device(server_url, ca, data, home, name, release_key, threads, max_rounds, patience, on_event=on_event,
-                      enrollment_token=enroll_token, profile=profile, profiles_file=profiles_file, floors=floors)
+                      enrollment_token=enroll_token, profile=profile, profiles_file=profiles_file, floors=floors,
+                      on_device_model=on_device_model)
     console.print(f"sent {sent} update{'s' * (sent != 1)}; the egress ledger is {home}/ledger.jsonl")
 
 
@@ -177,6 +204,19 @@ def status(
         table.add_row(str(r.round_id), str(r.idx), r.status, str(r.devices), f"{loss:.3f}" if loss is not None else "-",
                       f"{norm:.4f}" if norm is not None else "-", r.reason)
     console.print(table)
+    if s.evaluations:  # federated evaluation (deploy.eval_every): token-weighted totals over the sampled devices
+        secure = " (secure sum)" if any(e["secure"] for e in s.evaluations) else ""
+        evals = Table(title=f"federated evaluation{secure}")
+        for col in ("version", "round", "status", "devices", "loss", "top-1", "top-3", "tokens"):
+            evals.add_column(col)
+
+        def fmt(e: dict, key: str, spec: str) -> str:
+            return format(e[key], spec) if e.get(key) is not None else "-"  # None: open, or nothing reported
+
+        for e in s.evaluations:
+            evals.add_row(str(e["version"]), str(e["rounds_applied"]), e["status"], f"{e['devices']}/{e['sampled']}",
+                          fmt(e, "loss", ".4f"), fmt(e, "top1", ".3f"), fmt(e, "top3", ".3f"), fmt(e, "tokens", ".0f"))
+        console.print(evals)
 
 
 def register(app: typer.Typer) -> None:

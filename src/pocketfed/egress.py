@@ -16,9 +16,13 @@ Kinds that may leave (their payloads are checked by the ledger, not here):
     masked_update   secure aggregation: the update clipped, fixed-point and masked mod 2^k
     secagg_signature  secure aggregation: a signature over the round's survivor set (consistency)
     unmask_shares   secure aggregation: the shares the server may see
+    eval_report     federated evaluation: four sums (loss, tokens, top-1 and top-3 hits) over the
+                    device's test split, checked by `pocketfed.protocol.fedeval.check` (in the clear)
+    masked_eval_report  federated evaluation under secure aggregation: those sums / T, fixed-point
+                    and masked mod 2^k (4 words)
     registration    the device's name and Ed25519 public key, and its one-time enrollment token
                     (the ledger keeps the token's sha256, never the token)
-    checkin         the eligibility fields (charging, idle, unmetered, free memory) of a check-in
+    checkin         the eligibility fields (charging, idle, unmetered, free memory, profile name) of a check-in
 Recorded but never sent: "refusal" (a request the ledger refused, with its reason). Never
 allowed whatever asks: "personal_adapter" (a device's private personal adapter).
 """
@@ -33,9 +37,10 @@ UPDATE, METRICS = "update", "metrics"
 SECAGG_KEYS, SECAGG_SHARES = "secagg_keys", "secagg_shares"
 MASKED_UPDATE, UNMASK_SHARES = "masked_update", "unmask_shares"
 SECAGG_SIGNATURE = "secagg_signature"
-SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, SECAGG_SIGNATURE, UNMASK_SHARES)
+EVAL_REPORT, MASKED_EVAL_REPORT = "eval_report", "masked_eval_report"
+SECAGG_KINDS = (SECAGG_KEYS, SECAGG_SHARES, MASKED_UPDATE, SECAGG_SIGNATURE, UNMASK_SHARES, MASKED_EVAL_REPORT)
 REGISTRATION, CHECKIN = "registration", "checkin"
-ALLOWED_KINDS = (UPDATE, METRICS, *SECAGG_KINDS, REGISTRATION, CHECKIN)
+ALLOWED_KINDS = (UPDATE, METRICS, EVAL_REPORT, *SECAGG_KINDS, REGISTRATION, CHECKIN)
 
 REFUSAL = "refusal"  # a ledger line for a refused request: nothing was sent
 PERSONAL_ADAPTER = "personal_adapter"  # never leaves, whoever asks
@@ -49,6 +54,8 @@ DESCRIPTIONS: dict[str, str] = {
     SECAGG_SIGNATURE: "key-agreement messages",
     UNMASK_SHARES: "key-agreement messages",
     METRICS: "metrics",
+    EVAL_REPORT: "evaluation reports",
+    MASKED_EVAL_REPORT: "evaluation reports (masked)",
     REGISTRATION: "registration",
     CHECKIN: "check-ins",
 }

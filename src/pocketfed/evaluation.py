@@ -46,12 +46,17 @@ class Totals:
         return Metrics(math.exp(self.nll / self.n), self.hit1 / self.n, self.hit3 / self.n, self.n)
 
 
-def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Totals:
-    """logits: [B, T, V]; ids, mask: [B, T]. Scores predictions of positions 1..T-1."""
+def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, nll_cap: float = math.inf,
+                 max_positions: int | None = None) -> Totals:
+    """logits: [B, T, V]; ids, mask: [B, T]. Scores predictions of positions 1..T-1: each token's
+    -log p capped at `nll_cap`, and only the first `max_positions` valid ones in row order (None:
+    all); federated evaluation uses both so that a device's report has a bound."""
     pred = logits[:, :-1].float()  # [B, T-1, V]
     target = ids[:, 1:]  # [B, T-1]
     valid = mask[:, 1:] & mask[:, :-1]
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    if max_positions is not None:  # keep the first max_positions valid positions, rows in order
+        valid = valid & (valid.reshape(-1).cumsum(0) <= max_positions).reshape(valid.shape)
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none").clamp(max=nll_cap)
     top3 = pred.topk(3, dim=-1).indices  # [B, T-1, 3]
     hits = top3 == target.unsqueeze(-1)
     v = valid.reshape(-1)

@@ -8,7 +8,10 @@ Variants (all scored on the training devices' own test splits; those with one gl
 on held-out devices that were never sampled for training):
     base          no fine-tuning
     federated     the final global adapter
-    personalized  the global adapter + eval.personalize_steps local steps on the device's train split
+    personalized  the global adapter + up to eval.personalize_steps local steps on the device's train
+                  split, kept only if it beats the global adapter on a local validation split (as a
+                  real device decides: `pocketfed.per_device`); summary.json's `per_device` holds
+                  base / federated / personalized per trained device, `personalization` the share made worse
     local_only    the same local steps from the base model alone (what a device gets without us)
     centralized   all training devices' train splits pooled, trained as one (the upper bound)
 """
@@ -27,6 +30,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from pocketfed import attack as attack_mod
 from pocketfed.files import write_atomic
 from pocketfed.config import RunConfig, to_dict
 from pocketfed.data.federated import Blocks, load_dataset
@@ -36,6 +40,7 @@ from pocketfed.errors import UserError
 from pocketfed.evaluation import Metrics, evaluate
 from pocketfed.model import lora
 from pocketfed.model.zoo import load_base
+from pocketfed.per_device import personalization_summary, personalize_or_keep
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
 from pocketfed.server import checkpoint, strategies
 from pocketfed.server import round as engine
@@ -115,6 +120,12 @@ def simulate(
         state = strategies.init(init_params, cfg.server)
         (out / "metrics.jsonl").write_text("")
     backend = make_backend(cfg, model, base, dataset, on_done=lambda d: emit("device_done", {"device": d}))
+    # malicious devices (attack.kind): their tasks run `pocketfed.attack` instead of the honest task
+    malicious = attack_mod.attackers(cfg.attack, pool)
+    bd = attack_mod.backdoor(cfg.attack, base.tokenizer) if malicious else None
+    if malicious:
+        backend = attack_mod.AttackingBackend(backend, cfg.attack, malicious, bd, expected)
+        trigger_prompts = attack_mod.prompts(heldout_blocks or [dataset.device(d).test for d in pool], bd)  # type: ignore[arg-type]
     if cfg.device.dropout:
         backend = DroppingBackend(backend, cfg.device.dropout, cfg.sim.seed)
     fleet = fleet_mod.build(cfg, base.model.config, pool)  # profiles, plans (ranks); no budgets by default
@@ -145,13 +156,21 @@ def simulate(
         results = backend.run(tasks)  # each device: train -> privatize -> encode (the device task)
         train_seconds += time.perf_counter() - t_train
         done = [x for x in results if isinstance(x, TrainResult)]
-        if done:
-            ranks = {d: dev.rank for d, dev in fleet.devices.items()}
-            contributions, secure_total = engine.collect_in_memory(done, plan, state.params, r, ranks)
-            mean = engine.aggregate(contributions, plan, state.params, secure_total)
-            outcome = engine.commit(state, privacy, contributions, mean, cfg, plan=plan, secure_total=secure_total,
-                                    sample_rate=cohort.sample_rate)
-        else:  # nobody sampled, eligible or left: the adapter stays; the accountant counts the round
+        ranks = {d: dev.rank for d, dev in fleet.devices.items()}
+        contributions, secure_total, refused = (engine.collect_in_memory(done, plan, state.params, r, ranks)
+                                                if done else ([], None, []))
+        defended = engine.defend(contributions, cfg.server, plan,
+                                 {t.device_id: engine.token_budget(t.train, cfg.data.seq_len) for t in tasks})
+        if defended.contributions:
+            try:
+                mean = engine.aggregate(defended.contributions, plan, state.params, secure_total,
+                                        cfg.server.aggregator, cfg.server)
+                outcome = engine.commit(state, privacy, defended.contributions, mean, cfg, plan=plan,
+                                        secure_total=secure_total, sample_rate=cohort.sample_rate)
+            except engine.RoundFailed as e:  # nothing is committed; the adapter stays
+                outcome = engine.failed(state, str(e))
+                emit("round_failed", {"round": r, "reason": str(e)})
+        else:  # nobody sampled, eligible, left or valid: the adapter stays; the accountant counts the round
             outcome = engine.empty_round(state, privacy, plan, cohort.sample_rate)
         state, metrics = outcome.state, outcome.metrics
         bytes_up = metrics.get("bytes_up_per_device", bytes_up)
@@ -163,10 +182,14 @@ def simulate(
             "local_steps": int(sum(x.metrics["steps"] for x in done)),
             "train_loss": metrics.get("train_loss"),
             "bytes_up_per_device": bytes_up,
-            **{k: v for k, v in metrics.items() if k in ("update_norm", "skipped")},
+            **{k: v for k, v in metrics.items() if k in ("update_norm", "skipped", "failed")},
             **fleet_mod.round_report(fleet, cfg, sampled, left_out, results),
         }
         row["sample_rate"] = cohort.sample_rate
+        if refused or defended.clipped or defended.tokens_bounded:  # the server's defenses at work
+            row["defense"] = {"refused": [{"device": x.device_id, "reason": x.reason} for x in refused],
+                              "clipped": defended.clipped, "tokens_bounded": defended.tokens_bounded,
+                              "norm_bound": defended.norm_bound}
         if privacy and outcome.privacy is not None:
             privacy = outcome.privacy
             row["privacy"] = {k: metrics[k] for k in ("epsilon_recipients", "epsilon_coordinator", "clip_norm",
@@ -174,6 +197,10 @@ def simulate(
         if cfg.eval.every_round and heldout_blocks:
             lora.set_state(model, state.params)
             row["heldout"] = ev(heldout_blocks).as_dict()
+        if malicious:
+            lora.set_state(model, state.params)
+            row["attack"] = {"devices": sorted(set(malicious) & set(sampled)),
+                             "backdoor_success": attack_mod.backdoor_success(model, trigger_prompts, bd)}  # type: ignore[arg-type]
         row["seconds"] = time.perf_counter() - t_round
         history.append(row)
         with open(out / "metrics.jsonl", "a") as f:
@@ -194,6 +221,27 @@ def simulate(
         summary[name] = {**own.as_dict(), "heldout": held.as_dict() if held else None}
         emit("variant", {"name": name, **summary[name]})
 
+    per_device: dict[str, dict[str, Any]] = {d: {} for d in trained}
+
+    def each(name: str) -> Metrics:
+        """The model as it stands, on each trained device's own test split (kept per device, pooled)."""
+        scores = [ev([own_test[d]]) for d in trained]
+        for d, m in zip(trained, scores):
+            per_device[d][name] = m.as_dict()
+        return _pool_metrics(scores)
+
+    def personalized() -> Metrics:
+        """Each trained device personalizes from the global adapter, or keeps it (`per_device`)."""
+        scores = []
+        for d in trained:
+            kept, info = personalize_or_keep(model, state.params, dataset.device(d).train, cfg.train,
+                                             device_seed(cfg.sim.seed, -1, f"personalized/{d}"), steps_per_device)
+            lora.set_state(model, kept)
+            scores.append(ev([own_test[d]]))
+            per_device[d]["personalized"] = {**scores[-1].as_dict(), **info}
+            emit("device_done", {"device": d})
+        return _pool_metrics(scores)
+
     def local_from(start: lora.AdapterState, seed_tag: str) -> Metrics:
         """Each trained device: `steps_per_device` local steps from `start`, scored on its own test split."""
         per_device: list[Metrics] = []
@@ -209,14 +257,14 @@ def simulate(
     if "base" in variants:
         emit("stage", {"name": "evaluating base"})
         with model.disable_adapter():
-            record("base", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
+            record("base", each("base"), ev(heldout_blocks) if heldout_blocks else None)
     if "federated" in variants:
         emit("stage", {"name": "evaluating federated"})
         lora.set_state(model, state.params)
-        record("federated", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
+        record("federated", each("federated"), ev(heldout_blocks) if heldout_blocks else None)
     if "personalized" in variants:
         emit("stage", {"name": "personalizing", "total": len(trained)})
-        record("personalized", local_from(state.params, "personalized"), None)
+        record("personalized", personalized(), None)
     if "local_only" in variants:
         emit("stage", {"name": "local only", "total": len(trained)})
         record("local_only", local_from(init_params, "local_only"), None)
@@ -239,6 +287,11 @@ def simulate(
             "rounds_planned": cfg.sim.rounds,
             "bytes_up_per_device_round": bytes_up,
             "privacy": privacy.summary() if privacy else None,
+            "per_device": per_device,  # each trained device's base / federated / personalized on its own test split
+            "personalization": personalization_summary(per_device),
+            "attack": ({"kind": cfg.attack.kind.value, "devices": malicious,
+                        "backdoor_success": [row["attack"]["backdoor_success"] for row in history if "attack" in row]}
+                       if malicious else None),
             "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),
             "wall_seconds": time.perf_counter() - t_start,
             "train_seconds": train_seconds,
@@ -253,6 +306,7 @@ def simulate(
 
 def _pool_metrics(per_device: list[Metrics]) -> Metrics:
     """Token-weighted pooling of per-device metrics (perplexity pooled in log space)."""
+    per_device = [m for m in per_device if m.tokens]  # an empty split scores nan; it weighs nothing
     n = sum(m.tokens for m in per_device)
     if n == 0:
         return Metrics(float("nan"), float("nan"), float("nan"), 0)

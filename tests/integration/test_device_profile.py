@@ -99,7 +99,7 @@ def test_watch_and_phone_devices_train_within_their_budgets(tmp_path):
         tokens = enrolled.stdout.split()
         measured = {}
         for i, (name, budget) in enumerate(BUDGET.items()):
-            device = start(name, ["device", "--server", f"https://127.0.0.1:{port}", "--ca", "certs/ca.pem",
+            device = start(name, ["device", "--no-on-device-model", "--server", f"https://127.0.0.1:{port}", "--ca", "certs/ca.pem",
                                   "--data", f"data/{name}", "--home", f"homes/{name}", "--threads", "1",
                                   "--max-rounds", "1", "--profile", name, "--enroll-token", tokens[i]])
             pid, seen = device.pid, [0.0]

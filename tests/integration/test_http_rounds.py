@@ -97,7 +97,7 @@ def test_rounds_over_tls_survive_kills(tmp_path):
     tokens: list[str] = []  # `pocketfed enroll`, once the server's state exists
 
     def device_args(i: int) -> list[str]:
-        return ["device", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}", "--name", f"dev{i}",
+        return ["device", "--no-on-device-model", "--server", url, "--ca", "certs/ca.pem", "--data", f"data/dev{i}", "--name", f"dev{i}",
                 "--home", f"homes/dev{i}", "--threads", "1", "--patience", "900", "--enroll-token", tokens[i]]
 
     def open_round() -> tuple[int, int, int] | None:

@@ -46,6 +46,31 @@ def test_outputs(run_a, tiny_base):
     peft_model.unload()
 
 
+def test_per_device_results(run_a):
+    """summary.json's per_device: base / federated / personalized for every trained device, pooling
+    back to the variants' figures; a device that did not keep its personal adapter scores exactly as
+    the global model; the share made worse counts what the table shows."""
+    import math
+
+    out, _ = run_a
+    summary = json.loads((out / "summary.json").read_text())
+    trained = {d for line in (out / "metrics.jsonl").read_text().splitlines() for d in json.loads(line)["devices"]}
+    per = summary["per_device"]
+    assert set(per) == trained and len(trained) == summary["devices"]["trained"]
+    for name in ("base", "federated", "personalized"):
+        n = sum(r[name]["tokens"] for r in per.values())
+        ppl = math.exp(sum(math.log(r[name]["perplexity"]) * r[name]["tokens"] for r in per.values()) / n)
+        assert ppl == pytest.approx(summary[name]["perplexity"], rel=1e-9)
+    for r in per.values():
+        assert r["personalized"]["kept"] == (r["personalized"]["val_loss_personal"] < r["personalized"]["val_loss_global"])
+        if not r["personalized"]["kept"]:
+            assert r["personalized"]["perplexity"] == r["federated"]["perplexity"]
+    worse = sorted(d for d, r in per.items() if r["personalized"]["perplexity"] > r["federated"]["perplexity"])
+    p = summary["personalization"]
+    assert p["worse"] == worse and p["worse_share"] == len(worse) / len(per)
+    assert p["kept"] == sum(r["personalized"]["kept"] for r in per.values())
+
+
 def test_same_seed_same_bits(run_a, tmp_path):
     out, _ = run_a
     simulate(tiny_config(sim={"rounds": 3}), tmp_path / "b")

@@ -52,7 +52,7 @@ def run_round(ups, pcfg: PrivacyConfig):
     results = [TrainResult(ROUND, f"dev{i}", u, w, upload=pipeline.device_privatize(u, plan))
                for i, (u, w) in enumerate(ups)]
     like = ups[0][0]
-    contributions, total = engine.collect_in_memory(results, plan, like, ROUND)
+    contributions, total, _ = engine.collect_in_memory(results, plan, like, ROUND)
     return engine.aggregate(contributions, plan, like, total), [c.bytes_sent for c in contributions]
 
 

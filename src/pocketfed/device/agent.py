@@ -1,17 +1,27 @@
 """The device process (`pocketfed device`): one readable loop, top to bottom.
 
     set-up   identity (Ed25519, kept in <home>/identity.key), name (--name, else a random one kept in
-             <home>/device.name), trusted release key, register
+             <home>/device.name), trusted release key (a pin the server no longer signs with: one
+             sentence naming `pocketfed release trust`, exit; `pocketfed.device.releases`), register
     loop     check in with eligibility -> a task, or "come back at T"
              the task's privacy plan against this device's floors (`pocketfed.device.floors`): below
              them, the refusal goes into the ledger, nothing is sent, and the device checks in later
-             verify the task's signed release (tamper, rollback, freeze) and fetch its adapter
+             verify the task's signed release (tamper, rollback, freeze), fetch its adapter and
+             install it in <home>/releases/<version> (`pocketfed.runtime.home`)
              on the first task: load the base once under the plan for --profile (`open_session`)
              the device task (`pocketfed.device.task.run_task`, the simulator's own code): train,
              then the privacy pipeline `device_privatize` under the task's PrivacyPlan
              (clip -> noise share -> encode, or the clipped vector for secure aggregation)
              -> egress ledger (`check_and_record`) -> upload, or the five secagg stages (`secure_upload`)
+             an evaluation task (`task.evaluate`) instead: score the release on the test split and
+             report four sums (`pocketfed.device.evaluate`), no training
+             a release holding NaN/Inf is refused (never installed), and a round whose loss or update
+             is not finite is skipped with its reason in the ledger (`pocketfed.device.guard`): one bad
+             round never ends the process
     until    the server says training is finished (or --max-rounds updates were sent)
+    then     the final release is installed too; with on_device_model (`pocketfed device`'s default)
+             the personal adapter is trained for it and the int4 runtime model built in <home>/model
+             (`pocketfed.device.ondevice`; also during a wait of IDLE_FOR_MODEL_S or more)
 
 Memory: with --profile the process stays within the profile's budget (its whole-process peak
 RSS, VmHWM): the planner (`pocketfed.device.planner`) plans on top of what this process measures
@@ -19,8 +29,8 @@ once its code and data are in, and picks the backend: for Llama models the lean 
 process imports neither transformers nor PEFT (the tokenizer is `tokenizers` alone). Without
 --profile there is no budget: the simulator's transformers + PEFT model, in fp32.
 
-The device's data never leaves: only the registration, check-ins, the update and scalar metrics
-do, each through the egress ledger first (the client's `egress` door). Under secure aggregation
+The device's data never leaves: only the registration, check-ins, the update, scalar metrics and
+evaluation reports (four sums) do, each through the egress ledger first (the client's `egress` door). Under secure aggregation
 no metric leaves in the clear: the commit of the masked input carries 0 tokens and no metrics
 (a per-device loss or token count beside a masked input would undo the masking's point).
 A device killed at any point starts again from its home: same identity, same name, same
@@ -38,7 +48,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -48,11 +58,14 @@ from pocketfed import codec  # noqa: E402
 from pocketfed.config import Codec, DataConfig, LoraConfig, TrainConfig  # noqa: E402
 from pocketfed.data.federated import Blocks, to_blocks  # noqa: E402
 from pocketfed.device import http_client as http  # noqa: E402
-from pocketfed.device import ledger, task as device_task  # noqa: E402
+from pocketfed.device import evaluate, ledger, ondevice, task as device_task  # noqa: E402
+from pocketfed.device import guard  # noqa: E402
 from pocketfed.device.floors import PrivacyFloors  # noqa: E402
 from pocketfed.device.lowmem import fix_malloc_thresholds, trim_heap  # noqa: E402
 from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
 from pocketfed.device.profiles import DeviceProfile  # noqa: E402
+from pocketfed.device.releases import KeyChanged, trusted_release_key  # noqa: E402,F401  (KeyChanged: re-exported)
+from pocketfed.device import releases  # noqa: E402
 from pocketfed.device.shape import ModelShape  # noqa: E402
 from pocketfed.device.secure_upload import RoundLost, secure_upload  # noqa: E402
 from pocketfed.errors import UserError  # noqa: E402
@@ -62,13 +75,12 @@ from pocketfed.privacy import secagg  # noqa: E402
 from pocketfed.privacy.pipeline import PrivacyPlan  # noqa: E402
 from pocketfed.protocol import wire  # noqa: E402
 from pocketfed.protocol.messages import TrainTask  # noqa: E402
-from pocketfed.release import signing  # noqa: E402
+from pocketfed import signing  # noqa: E402
+from pocketfed.runtime import home as device_home  # noqa: E402
 
 IDENTITY = "identity.key"
-RELEASE_PIN = "release.pub"
-INSTALLED = "installed.json"
-ADAPTER = "adapter.safetensors"
 NAME = "device.name"
+IDLE_FOR_MODEL_S = 30.0  # a wait at least this long is spent personalizing and converting
 Emit = Callable[[str, dict[str, Any]], None]
 
 
@@ -112,41 +124,31 @@ def device_name(home: Path, given: str | None) -> str:
     return name
 
 
-def trusted_release_key(home: Path, pinned: Path | None, fetch: Callable[[], str]) -> Any:
-    """The release public key: --release-key if given, else the one pinned in <home> on first
-    contact (trust on first use), else fetched from the server over TLS and pinned now."""
-    if pinned is not None:
-        if not pinned.is_file():
-            raise UserError(f"release key file {str(pinned)!r} does not exist")
-        try:
-            return signing.public_from_hex(pinned.read_text())
-        except signing.ReleaseRejected:
-            raise UserError(f"{str(pinned)!r} must hold the release public key as 64 hex digits") from None
-    pin = home / RELEASE_PIN
-    if not pin.is_file():
-        write_atomic(pin, (fetch() + "\n").encode())
-    return signing.public_from_hex(pin.read_text())
+def accept_release(home: Path, trusted: Any, release: wire.SignedManifest, download: Callable[[str], bytes],
+                   now: float, task: dict[str, Any] | None = None) -> tuple[signing.Manifest, dict, bool]:
+    """`releases.accept_release` with the poisoned-release guard, the adapter loaded as tensors."""
+    m, data, fresh = releases.accept_release(home, trusted, release, download, now, task,
+                                             lambda raw, version: guard.release_problem(st_load(raw), version))
+    return m, st_load(data), fresh
 
 
-def accept_release(home: Path, trusted: Any, release: wire.SignedManifest,
-                   download: Callable[[str], bytes], now: float) -> tuple[signing.Manifest, dict]:
-    """Verify a release against the trusted key and the installed one; return it and its adapter.
+def home_session(home: Path, data_dir: Path, device_id: str, profile: DeviceProfile | None) -> Session | None:
+    """A training session for the installed release's task settings (None without them): what
+    personalization trains with when this process has not trained (a restart, `pocketfed personalize`)."""
+    from types import SimpleNamespace
 
-    Raises ReleaseRejected for a bad signature, an expired manifest, a rollback, or an adapter
-    whose sha256 is not the manifest's. The installed release changes only after all checks."""
-    installed_path, adapter_path = home / INSTALLED, home / ADAPTER
-    installed = signing.Manifest.from_json(json.loads(installed_path.read_text())) if installed_path.is_file() else None
-    m = signing.verify(trusted, dict(release.manifest), release.signature, now, installed)
-    if installed is not None and m.version == installed.version and adapter_path.is_file():
-        data = adapter_path.read_bytes()
-    else:
-        data = download(m.sha256)
-    if signing.sha256_hex(data) != m.sha256:
-        raise signing.ReleaseRejected(f"adapter of version {m.version} does not match its manifest's sha256")
-    if installed is None or m.version != installed.version:
-        write_atomic(adapter_path, data)  # the adapter first, then the record that names it
-        write_atomic(installed_path, json.dumps(m.to_json()).encode())
-    return m, st_load(data)
+    task = releases.installed_task(home)
+    if not {"model", "lora", "data", "train"} <= set(task):
+        return None
+    spec = SimpleNamespace(model=task["model"], lora=wire.LoraSpec(**task["lora"]), data=wire.DataSpec(**task["data"]),
+                           train=wire.TrainSpec(**task["train"]))
+    return open_session(spec, data_dir, device_id, profile)  # type: ignore[arg-type]
+
+
+def task_settings(task: wire.TaskSpec) -> dict[str, Any]:
+    """What building the runtime model and personalizing need from a task (kept as task.json)."""
+    return {"model": task.model, "lora": task.lora.model_dump(), "data": task.data.model_dump(),
+            "train": task.train.model_dump()}
 
 
 def upload_schema(task: wire.TaskSpec) -> ledger.Schema:
@@ -174,6 +176,7 @@ class Session:
     plan: Plan | None
     train: Blocks
     key: tuple[Any, ...]
+    test: Blocks | None = None  # this device's test split, which federated evaluation scores
 
 
 def session_key(task: wire.TaskSpec) -> tuple[Any, ...]:
@@ -181,10 +184,25 @@ def session_key(task: wire.TaskSpec) -> tuple[Any, ...]:
     return task.model, task.lora.model_dump_json(), task.data.model_dump_json(), task.train.batch_size
 
 
+def device_dataset(pieces: list[str], data_dir: Path, device_id: str, tokenizer: Any, dcfg: DataConfig) -> Any:
+    """This device's data as the task cuts it; too few training tokens for the coordinator's
+    data.min_train_tokens is a setting only the operator can change, so the sentence says so."""
+    from pocketfed.data.federated import FederatedDataset
+
+    try:
+        return FederatedDataset("textdir", {device_id: pieces}, tokenizer, dcfg)
+    except UserError:  # the only one it raises: no device above the minimum
+        n = FederatedDataset("textdir", {device_id: pieces}, tokenizer,
+                             replace(dcfg, min_train_tokens=0)).train_token_counts([device_id])[0]
+        raise UserError(f"the coordinator's data.min_train_tokens ({dcfg.min_train_tokens}) is above this device's "
+                        f"{n} training tokens (--data {str(data_dir)!r}, less the last {dcfg.test_fraction:.0%} kept "
+                        "for test): add text to --data, or the operator can lower it "
+                        f"(`pocketfed server --set data.min_train_tokens={max(n, 1)}`)") from None
+
+
 def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: DeviceProfile | None) -> Session:
     """Tokenize this device's data (then drop the tokenizer), measure this process, plan, load the base."""
     from pocketfed.data import textdir
-    from pocketfed.data.federated import FederatedDataset
     from pocketfed.model.zoo import resolve
 
     key = session_key(task)
@@ -206,14 +224,15 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    dataset = FederatedDataset("textdir", {device_id: textdir.read_device(data_dir)}, tokenizer, dcfg)
-    rows = dataset.device(device_id).train
+    dataset = device_dataset(textdir.read_device(data_dir), data_dir, device_id, tokenizer, dcfg)
+    split = dataset.device(device_id)
+    rows, test = split.train, split.test
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if base is not None:
         from pocketfed.model import lora
 
         model = device_task.wrap_peft(lora.attach(base.model, lcfg, seed=0))  # A is overwritten by the global adapter
-        return Session(model, None, rows, key)
+        return Session(model, None, rows, key, test)
     del dataset, tokenizer
     gc.collect()
     trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
@@ -230,8 +249,9 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
                      warmed=backend is Backend.lean)
     if plan.seq_len != dcfg.seq_len:  # the planner shortened the rows: the same tokens, re-cut
         rows = to_blocks(rows.input_ids[rows.mask].tolist(), plan.seq_len, pad)
+        test = to_blocks(test.input_ids[test.mask].tolist(), plan.seq_len, pad)
     alpha = rank_ops.alpha_for_rank(lcfg.alpha, plan.rank, lcfg.rank)  # keeps the global scaling alpha / R
-    return Session(device_task.load_model(folder, plan, alpha, seed=0, dropout=lcfg.dropout), plan, rows, key)
+    return Session(device_task.load_model(folder, plan, alpha, seed=0, dropout=lcfg.dropout), plan, rows, key, test)
 
 
 def run_device(
@@ -239,10 +259,13 @@ def run_device(
     release_key: Path | None = None, threads: int = 1, max_rounds: int = 0, patience_s: float = 600.0,
     max_wait_s: float = 60.0, on_event: Emit | None = None, enrollment_token: str | None = None,
     profile: str | None = None, profiles_file: str = "", floors: PrivacyFloors = PrivacyFloors(),
+    on_device_model: bool = False,
 ) -> int:
     """Take part in rounds until the server says training is finished. -> updates sent.
     `profile` (watch, phone, car, or one of `profiles_file`): train within its budget.
-    `floors`: the privacy a task must promise, else it is refused before training."""
+    `floors`: the privacy a task must promise, else it is refused before training.
+    `on_device_model` (`pocketfed device` sets it): after the final release (and during a long wait),
+    train the personal adapter and build the runtime model in <home> (`pocketfed.device.ondevice`)."""
     import torch
 
     from pocketfed.device.profiles import get_profile
@@ -281,6 +304,12 @@ def run_device(
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
+    def skip_round(task: wire.TaskSpec, reason: str) -> None:
+        """Give up this round (its task is not trained again) and wait before checking in."""
+        skipped.add(task.round_id)
+        emit("round_skipped", {"round": task.round_index, "round_id": task.round_id, "reason": reason})
+        time.sleep(min(max(task.deadline - time.time(), 0.2), max_wait_s))
+
     if enrollment_token is not None and not wire.ENROLLMENT_TOKEN.fullmatch(enrollment_token):
         raise UserError("--enroll-token is not a token `pocketfed enroll` prints (16-64 letters, digits, - or _)")
 
@@ -293,14 +322,38 @@ def run_device(
             raise
 
     device_id = register()
-    trusted = trusted_release_key(home, release_key, lambda: call(client.release_key))
+    trusted = trusted_release_key(home, release_key, lambda: call(client.release_key), server)
+    write_atomic(home / device_home.DEVICE_INFO, json.dumps({  # for `pocketfed release pull` and `personalize`
+        "server": server, "ca": str(ca.expanduser().resolve()) if ca is not None else None,
+        "data": str(data_dir.resolve()), "profile": profile, "profiles_file": profiles_file}))
     emit("registered", {"device_id": device_id})
+
+    def personalize(session: Session | None) -> None:
+        """Train the personal adapter of the installed release (once per release)."""
+        if not on_device_model or device_home.current_release(home) is None:
+            return
+        session = session or home_session(home, data_dir, device_id, device_profile)
+        if session is not None:
+            emit("personal", ondevice.personalize_home(home, session.model, session.train))
+
+    def build_model() -> None:
+        """The runtime model of the installed release and personal adapter, in a child process;
+        called with no training model held, so the two never sit in memory together."""
+        gc.collect()
+        trim_heap()
+        if on_device_model and device_home.current_release(home) is not None and not ondevice.model_is_current(home):
+            built = ondevice.convert(home)
+            if device_profile is not None:  # each conversion process against the profile's budget
+                built["budget_mb"] = device_profile.train_memory_mb
+                built["within_budget"] = built["peak_rss_mb"] <= device_profile.train_memory_mb
+            emit("model", built)
 
     # ---- loop ---------------------------------------------------------------------------------
     sent, session = 0, None
+    skipped: set[int] = set()  # rounds this device could not train (`guard.round_problem`): not trained again
     while max_rounds == 0 or sent < max_rounds:
         try:
-            reply = call(client.checkin, probe_eligibility())
+            reply = call(client.checkin, probe_eligibility().model_copy(update={"profile": (profile or "")[:64]}))
         except http.ServerRefused as e:
             if e.code == "unknown_device":  # the server lost its state: register again
                 device_id = register()
@@ -308,22 +361,46 @@ def run_device(
             raise
         if reply.done:
             emit("done", {"reason": reply.reason})
+            # the final release too: devices use the model the run ends with
+            latest = call(client.latest_release)
+            try:
+                manifest, _, fresh = accept_release(home, trusted, latest, lambda sha: call(client.adapter, sha), time.time(),
+                                                    releases.installed_task(home))
+                emit("release", {"version": manifest.version, "installed": fresh})
+            except signing.ReleaseRejected as e:
+                emit("release_refused", {"reason": str(e)})
+            personalize(session)
+            session = None
+            build_model()
             break
         task = reply.task
+        if task is not None and task.round_id in skipped:  # the same task again: wait for the next round
+            task = None
         if task is None:
             emit("wait", {"reason": reply.reason})
+            if on_device_model and reply.retry_at - time.time() >= IDLE_FOR_MODEL_S and not ondevice.model_is_current(home):
+                personalize(session)  # a long wait: personalize and convert now, not only at the end
+                session = None
+                build_model()
             time.sleep(min(max(reply.retry_at - time.time(), 0.2), max_wait_s))
             continue
         refusal = floors.refusal(task.privacy)  # before the adapter download, before training
+        if refusal is None and task.evaluate is not None:
+            refusal = evaluate.refusal(floors)
         if refusal is not None:
             ledger.record_refusal(home, server, "task", f"round {task.round_id}: {refusal}")
             emit("task_refused", {"round": task.round_index, "round_id": task.round_id, "reason": refusal})
             time.sleep(min(max(reply.retry_at - time.time(), 0.2), max_wait_s))
             continue
         try:
-            manifest, global_adapter = accept_release(home, trusted, task.release,
-                                                      lambda sha: call(client.adapter, sha), time.time())
+            manifest, global_adapter, fresh = accept_release(home, trusted, task.release,
+                                                             lambda sha: call(client.adapter, sha), time.time(),
+                                                             task_settings(task))
+            if fresh:
+                emit("release", {"version": manifest.version, "installed": True})
         except signing.ReleaseRejected as e:
+            if "signature" in str(e):  # a new coordinator key: one sentence and exit (KeyChanged), not a loop
+                trusted_release_key(home, release_key, lambda: call(client.release_key), server)
             emit("release_refused", {"reason": str(e)})
             time.sleep(min(max(reply.retry_at - time.time(), 0.2), max_wait_s))
             continue
@@ -343,12 +420,36 @@ def run_device(
         start = global_adapter
         if plan is not None and plan.rank < global_rank:  # HetLoRA: train the first r slots, upload all R
             start = rank_ops.truncate(global_adapter, plan.rank)
+        if task.evaluate is not None:  # federated evaluation: score the release on the test split and report
+            session.model.set_state(start)
+            assert session.test is not None
+            try:
+                evaluate.run_evaluation(client, call, home, server, task, session.model, session.test, emit)
+            except (RoundLost, secagg.SecAggError) as e:
+                emit("round_lost", {"round": task.round_index, "round_id": task.round_id, "reason": str(e)})
+            except http.ServerRefused as e:
+                emit("upload_refused", {"round": task.round_index, "code": e.code, "detail": e.detail})
+            continue
         privacy = privacy_plan(task)
         train = TrainConfig(**task.train.model_dump())
-        result = device_task.run_task(session.model, session.train, TrainTask(
-            task.round_index, device_id, start, train, task.seed, privacy, upload_rank=global_rank))
+        try:
+            result = device_task.run_task(session.model, session.train, TrainTask(
+                task.round_index, device_id, start, train, task.seed, privacy, upload_rank=global_rank))
+        except ValueError:  # e.g. distributed DP's rounding refuses a non-finite vector: if training went
+            bad = guard.nonfinite(session.model.get_state())  # non-finite, that is the cause, and the round is lost
+            if not bad:
+                raise
+            problem = f"training made {bad[0]!r} NaN or Inf (the privacy pipeline refused it): nothing is sent"
+            ledger.record_refusal(home, server, ledger.UPDATE, f"round {task.round_id}: {problem}")
+            skip_round(task, problem)
+            continue
         upload = result.upload
         assert upload is not None
+        problem = guard.round_problem(result)
+        if problem is not None:  # nothing leaves; the ledger says why, and the device takes later rounds
+            ledger.record_refusal(home, server, ledger.UPDATE, f"round {task.round_id}: {problem}")
+            skip_round(task, problem)
+            continue
         stats = {k: v for k, v in result.metrics.items() if k in ledger.ALLOWED_METRICS}
         # the centred (and, under distributed DP, noised) adaptive-clipping bit; under secure aggregation it
         # travels only inside the masked vector, never in the clear
@@ -374,9 +475,13 @@ def run_device(
                 f"for {task.model} at LoRA rank {global_rank} with codec {task.codec}: the server's operator must raise "
                 f"deploy.max_upload_mb to at least {len(upload.payload) / 2**20:.1f}, or choose a smaller lora.rank, fewer "
                 f"lora.target_modules or privacy.codec int8")
-        payload = ledger.check_and_record(home, server, ledger.UPDATE, st_load(upload.payload), upload_schema(task))
-        metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
-            "num_tokens": result.num_tokens, **extra, **stats}, {}))
+        try:
+            payload = ledger.check_and_record(home, server, ledger.UPDATE, st_load(upload.payload), upload_schema(task))
+            metrics = json.loads(ledger.check_and_record(home, server, ledger.METRICS, {
+                "num_tokens": result.num_tokens, **extra, **stats}, {}))
+        except ledger.EgressRefused as e:  # the ledger wrote the refusal down; nothing was sent
+            skip_round(task, str(e))
+            continue
         try:
             for attempt in range(2):
                 try:

@@ -36,8 +36,8 @@ def plan_command(
     shape, _ = shape_of(model)
     plan = make_plan(shape, prof, LoraConfig(rank=rank), TrainConfig(steps=steps, batch_size=batch_size), seq_len, model)
     positions = steps * plan.batch_size * plan.seq_len
-    cost = energy.round_cost(prof, shape.flops_per_token(plan.checkpointing) * positions,
-                             2 * 4 * shape.lora_params(plan.rank, list(plan.target_modules)))
+    cost = energy.round_cost(prof, shape.flops_per_token(plan.checkpointing, plan.layers) * positions,
+                             2 * 4 * shape.lora_params(plan.rank, list(plan.target_modules), plan.layers))
     table = Table(title=f"plan: {model} on {prof.name} ({prof.train_memory_mb:.0f} MB for training)")
     table.add_column("", justify="left")
     table.add_column("", justify="right")

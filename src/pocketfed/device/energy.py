@@ -5,7 +5,9 @@
     t = FLOPs / flops_per_second + bytes / bytes_per_second             (device seconds)
 
 FLOPs of a round = flops_per_token (pocketfed.device.planner.ModelShape) x the token positions it
-processes (padding included: the device computes on it). A capped device runs only the whole
+processes (padding included: the device computes on it); with LoRA on the top L layers only, the
+backward pass (and its recompute under checkpointing) covers those layers and the head, not the
+frozen layers below (`ModelShape.flops_per_token(checkpointing, layers)`, sparse back-propagation). A capped device runs only the whole
 steps that fit its cap (`affordable_steps`) and reports what it did; the token-weighted mean then
 weighs its partial work by the tokens it really trained on.
 """

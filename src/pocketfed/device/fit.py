@@ -42,7 +42,8 @@ from pocketfed.device.profiles import DeviceProfile, get_profile  # noqa: E402
 def plain_plan(shape: ModelShape, lora: LoraConfig, train: TrainConfig, seq_len: int, runtime_mb: float,
                backend: Backend) -> Plan:
     """Plain fp32 LoRA at the configured rank, whole batch at once, no checkpointing (the reference)."""
-    mem = predict_mb(shape, Precision.fp32, lora.rank, lora.target_modules, train.batch_size, seq_len, False, runtime_mb)
+    mem = predict_mb(shape, Precision.fp32, lora.rank, lora.target_modules, train.batch_size, seq_len, False, runtime_mb,
+                     layers=lora.layers, backend=backend)
     return dataclasses.replace(task.reference_plan(lora, train, seq_len, backend), profile="plain", memory_mb=mem)
 
 
@@ -77,8 +78,9 @@ def run_round(folder: Path, plan: Plan, token_ids: list[int], train: TrainConfig
     }
     if profile is not None:
         positions = steps * plan.batch_size * plan.seq_len
-        update_bytes = 4 * shape.lora_params(plan.rank, list(plan.target_modules))
-        cost = energy.round_cost(profile, shape.flops_per_token(plan.checkpointing) * positions, 2 * update_bytes)
+        update_bytes = 4 * shape.lora_params(plan.rank, list(plan.target_modules), plan.layers)
+        flops = shape.flops_per_token(plan.checkpointing, plan.layers) * positions
+        cost = energy.round_cost(profile, flops, 2 * update_bytes)
         out["energy"] = cost.as_dict()
     return out
 
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=0, help="LoRA on the top LAYERS decoder layers only (0 = all)")
     ap.add_argument("--plain", action="store_true", help="plain fp32 LoRA, no plan (the reference)")
     ap.add_argument("--path", choices=("lean", "peft"), default="",
                     help="the backend (default: the planner's pick): lean: torch only; peft: transformers + PEFT")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, _ = resolve(args.model)
         config = json.loads((folder / "config.json").read_text())
         shape = ModelShape.from_folder(folder)
-        lora = LoraConfig(rank=args.rank)
+        lora = LoraConfig(rank=args.rank, layers=args.layers)
         train = TrainConfig(steps=args.steps, batch_size=args.batch_size)
         profile = get_profile(args.profile, args.profiles_file)
         runtime = rss_mb()  # this process, torch imported, no weight yet: what the plan sits on

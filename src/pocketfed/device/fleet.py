@@ -70,8 +70,8 @@ def build(cfg: RunConfig, model_config: Any, pool: list[str]) -> Fleet:
     return Fleet(devices, shape, cfg.lora.rank)
 
 
-def _network_bytes(fleet: Fleet, rank: int, targets: list[str]) -> float:
-    return 2.0 * 4 * fleet.shape.lora_params(rank, targets)  # the rank-r adapter down, its update up
+def _network_bytes(fleet: Fleet, rank: int, targets: list[str], layers: int = 0) -> float:
+    return 2.0 * 4 * fleet.shape.lora_params(rank, targets, layers)  # the rank-r adapter down, its update up
 
 
 def prepare(fleet: Fleet, cfg: RunConfig, round_: int, sampled: list[str], global_params: dict,
@@ -87,9 +87,10 @@ def prepare(fleet: Fleet, cfg: RunConfig, round_: int, sampled: list[str], globa
                 reasons[d] = "model does not fit"
                 continue
             requested = num_steps(cfg.train, rows(d))
-            per_step = fleet.shape.flops_per_token(dev.plan.checkpointing) * cfg.train.batch_size * dev.plan.seq_len
+            per_step = (fleet.shape.flops_per_token(dev.plan.checkpointing, dev.plan.layers)
+                        * cfg.train.batch_size * dev.plan.seq_len)
             k = affordable_steps(dev.profile, requested, per_step,
-                                 _network_bytes(fleet, dev.rank, list(dev.plan.target_modules)),
+                                 _network_bytes(fleet, dev.rank, list(dev.plan.target_modules), dev.plan.layers),
                                  cfg.device.max_round_seconds, cfg.device.max_round_battery_pct)
             if k == 0:
                 reasons[d] = "cap below one step"
@@ -108,8 +109,8 @@ def cost_of(fleet: Fleet, cfg: RunConfig, result: TrainResult) -> RoundCost | No
     if dev.profile is None or dev.plan is None:
         return None
     positions = result.metrics["steps"] * cfg.train.batch_size * dev.plan.seq_len
-    flops = fleet.shape.flops_per_token(dev.plan.checkpointing) * positions
-    return round_cost(dev.profile, flops, _network_bytes(fleet, dev.rank, list(dev.plan.target_modules)))
+    flops = fleet.shape.flops_per_token(dev.plan.checkpointing, dev.plan.layers) * positions
+    return round_cost(dev.profile, flops, _network_bytes(fleet, dev.rank, list(dev.plan.target_modules), dev.plan.layers))
 
 
 def round_report(fleet: Fleet, cfg: RunConfig, sampled: list[str], reasons: dict[str, str],

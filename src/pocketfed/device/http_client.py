@@ -37,7 +37,8 @@ class ServerRefused(Exception):
 
 
 class Unreachable(Exception):
-    """The server could not be reached (connection refused, TLS failure, timeout)."""
+    """The server could not be reached (connection refused, TLS failure, timeout), or timed out
+    receiving the request (408: its read timeouts, `deploy.read_timeout_s`); the caller retries."""
 
 
 def connect(url: str, ca: str | Path | None, timeout_s: float = 30.0) -> httpx.Client:
@@ -74,6 +75,8 @@ class DeviceClient:
             resp = self.http.request(method, path_qs, content=body, headers=headers)
         except httpx.TransportError as e:
             raise Unreachable(f"{type(e).__name__}: {e}") from None
+        if resp.status_code == 408:  # the server gave up waiting for this request's bytes: a slow link, retried
+            raise Unreachable(f"the server timed out the request: {resp.text[:200]}")
         if resp.status_code >= 400:
             try:
                 err = resp.json()
@@ -107,6 +110,10 @@ class DeviceClient:
             raise ServerRefused(200, "hash_mismatch", "downloaded adapter does not match the manifest's sha256")
         return data
 
+    def latest_release(self) -> wire.SignedManifest:
+        """The newest release's manifest, freshly signed (the device verifies it before use)."""
+        return wire.SignedManifest.model_validate(self._json("GET", f"{wire.PREFIX}/release/latest", signed=False))
+
     def release_key(self) -> str:
         return wire.ReleaseKey.model_validate(self._json("GET", f"{wire.PREFIX}/release/key", signed=False)).public_key
 
@@ -137,6 +144,10 @@ class DeviceClient:
         req = wire.CommitRequest(size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                                  num_tokens=num_tokens, metrics=metrics)
         return wire.CommitResponse.model_validate(self._json("POST", f"{wire.PREFIX}/rounds/{round_id}/commit", req.model_dump()))
+
+    def eval_report(self, round_id: int, body: bytes) -> None:
+        """Post a federated-evaluation report in the clear: the ledger's exact bytes (kind eval_report)."""
+        self._request("POST", f"{wire.PREFIX}/evaluations/{round_id}/report", body)
 
     def secagg_state(self, round_id: int) -> wire.SecAggState:
         return wire.SecAggState.model_validate(self._json("GET", f"{wire.PREFIX}/rounds/{round_id}/secagg"))

@@ -14,13 +14,19 @@ with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
     x' = x + o_proj(attn(rms(x)));  x_next = x' + mlp(rms(x'))   per layer, then rms, then the head
     attn: q [B, H, T, d], k, v [B, H_kv, T, d], rotary on q and k, softmax(q k^T / sqrt d + mask) v
           (grouped-query: H / H_kv query heads share one key/value head)
-    mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)   (in float32)
+    mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)
     LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
 The loss (mean next-token cross-entropy over unmasked labels) runs over chunks of `loss_chunk` positions
 (LOSS_CHUNK unless the memory plan asks for fewer), so the [B T, V] float32 logits never exist at
 once; with checkpointing each chunk's logits
 are recomputed in backward, as each layer's activations are. Supported configs: Llama with SiLU, no
 biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
+
+Activations are float32 whatever the weights are stored in (fp32, bf16, int8): bf16 and int8 weights
+are rebuilt as float32 a slice at a time (`lowmem._FrozenLinear`), because bfloat16 matrix products
+have no fast path on CPUs without AVX512-BF16 or AMX (lowmem's docstring has the measurement).
+With LoRA on the top L layers only (`attach_lora(..., layers=L)`), the layers below run under
+no_grad: no graph, no activations kept, no backward through them (`pocketfed.model.depth`).
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketfed.device.lowmem import Precision, fill, quantize_linears
+from pocketfed.device.lowmem import INT8_MODULES, Precision, cast_linears, fill, quantize_linears
 from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
+from pocketfed.model.depth import adapted_layers
 
 LOSS_CHUNK = 32  # positions per chunk of the loss: 32 x 49152 float32 logits = 6 MB for SmolLM2
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's parameter names
@@ -160,12 +167,13 @@ class LeanLlama(nn.Module):
     def __init__(self, c: LeanConfig):
         super().__init__()
         self.config, self.checkpointing, self.loss_chunk = c, False, LOSS_CHUNK
+        self.frozen_below = 0  # layers [0, frozen_below) carry no LoRA: run without a graph (attach_lora sets it)
         self.model, self.lm_head = Decoder(c), nn.Linear(c.hidden, c.vocab, bias=False)
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, h]. ids [B, T]; mask [B, T] (True = real token) or None."""
         c, t = self.config, ids.shape[1]
-        x = self.model.embed_tokens(ids)
+        x = self.model.embed_tokens(ids).float()  # [B, T, h]; float32 whatever the embeddings' storage
         inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim)
         freqs = torch.arange(t, dtype=torch.float)[:, None] * inv_freq  # [T, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -174,7 +182,10 @@ class LeanLlama(nn.Module):
         if mask is not None and not bool(mask.all()):
             attn = torch.ones(t, t, dtype=torch.bool).tril() & mask[:, None, None, :]  # [B, 1, T, T]
             attn = attn | ~attn.any(-1, keepdim=True)  # a query with no visible key (left padding) sees all: no NaN
-        for layer in self.model.layers:
+        with torch.no_grad():  # sparse back-propagation: no graph, no activations kept below the lowest LoRA
+            for layer in self.model.layers[: self.frozen_below]:
+                x = layer(x, cos, sin, attn)
+        for layer in self.model.layers[self.frozen_below :]:
             if self.checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, attn)
             else:
@@ -221,13 +232,17 @@ class LoraLinear(nn.Module):
 
 
 def load(folder: Path, precision: Precision) -> LeanLlama:
-    """The frozen base of `folder` in `precision`, read chunk by chunk (see lowmem); eval mode."""
+    """The frozen base of `folder` stored in `precision`, read chunk by chunk (see lowmem); eval mode.
+    It computes in float32 whatever the storage: bf16 and int8 weights are rebuilt a slice at a time
+    (lowmem._FrozenLinear; bfloat16 matrix products have no fast path on CPUs without AVX512-BF16)."""
     config = LeanConfig.from_folder(folder)
     with torch.device("meta"):
-        model = LeanLlama(config).to(precision.compute_dtype)
+        model = LeanLlama(config)
     if precision is Precision.int8:
         quantize_linears(model)
-    fill(model, folder / "model.safetensors", precision.compute_dtype)
+    if precision is not Precision.fp32:
+        cast_linears(model, ("lm_head", *INT8_MODULES))  # under int8 only the head is still an nn.Linear
+    fill(model, folder / "model.safetensors", precision.storage_dtype)
     if config.tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, p in model.named_parameters() if p.is_meta]
@@ -237,14 +252,18 @@ def load(folder: Path, precision: Precision) -> LeanLlama:
 
 
 def attach_lora(model: LeanLlama, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int,
-                dropout: float = 0.0) -> None:
-    """Wrap every target linear with LoRA, A drawn under `seed` exactly as `pocketfed.model.lora.attach` draws it."""
+                dropout: float = 0.0, layers: int = 0) -> None:
+    """Wrap every target linear of the top `layers` decoder layers (0 = all) with LoRA, A drawn under
+    `seed` exactly as `pocketfed.model.lora.attach` draws it; the layers below run without a graph."""
+    adapted = adapted_layers(layers, len(model.model.layers))
+    model.frozen_below = adapted[0]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if name in targets:
-                    setattr(module, name, LoraLinear(child, rank, alpha, dropout))
+        for i in adapted:  # module order, as PEFT wraps them
+            for module in list(model.model.layers[i].modules()):
+                for name, child in list(module.named_children()):
+                    if name in targets:
+                        setattr(module, name, LoraLinear(child, rank, alpha, dropout))
 
 
 def adapter_state(model: LeanLlama) -> dict[str, torch.Tensor]:

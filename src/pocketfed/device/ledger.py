@@ -15,6 +15,9 @@
   the ledger line keeps the token's sha256, never the token (the ledger is a log a person reads and
   may share; the token is a credential until the server spends it);
 - "checkin": the `wire.CheckinRequest` (the eligibility fields), encoded as JSON.
+- "eval_report": a federated-evaluation report, exactly the `wire.EvalReport` fields (four sums,
+  `pocketfed.protocol.fedeval.check`), encoded as JSON; under secure aggregation it leaves as
+  "masked_eval_report" (4 masked words, checked like the other secure-aggregation arrays).
 Anything else is refused, "personal_adapter" above all: a private personal adapter never leaves.
 It returns the exact bytes to send, after appending to `<home>/ledger.jsonl` one JSON line with
 time, destination, kind, byte count, sha256 and the tensor names/shapes (or metric values). A
@@ -39,16 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import ValidationError
 from safetensors.numpy import save as numpy_save
-from safetensors.torch import save as safetensors_save
 
 from pocketfed import egress
 from pocketfed.egress import (  # noqa: F401 (re-exported: callers write ledger.UPDATE, ledger.SECAGG_KEYS...)
     ALLOWED_KINDS,
     CHECKIN,
+    EVAL_REPORT,
     LEDGER_FILE,
+    MASKED_EVAL_REPORT,
     MASKED_UPDATE,
     METRICS,
     REFUSAL,
@@ -87,11 +90,15 @@ def _append(home: Path, entry: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def _dtype_name(t: torch.Tensor | np.ndarray) -> str:
+def _dtype_name(t: Any) -> str:  # a torch.Tensor or a numpy array
     return str(t.dtype).removeprefix("torch.")
 
 
-def _check_update(payload: Mapping[str, Any], schema: Schema, array: type = torch.Tensor) -> list[list[Any]]:
+def _check_update(payload: Mapping[str, Any], schema: Schema, array: type | None = None) -> list[list[Any]]:
+    if array is None:  # torch is imported only when an update is recorded: `pocketfed ledger` starts without it
+        import torch  # noqa: PLC0415
+
+        array = torch.Tensor
     for name, tensor in payload.items():
         if name not in schema:
             raise EgressRefused(f"tensor {name!r} is not in the task's adapter schema")
@@ -141,6 +148,23 @@ def _check_request(kind: str, payload: Mapping[str, Any]) -> tuple[dict[str, Any
     return {"eligibility": req.eligibility.model_dump()}, data
 
 
+def _check_eval_report(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A federated-evaluation report: exactly the `wire.EvalReport` fields (the four sums, whole
+    counts, hits <= tokens), nothing else."""
+    from pocketfed.protocol import fedeval
+
+    try:
+        req = wire.EvalReport.model_validate(dict(payload))
+        fedeval.check(fedeval.Sums(req.loss_sum, req.tokens, req.top1_hits, req.top3_hits), fedeval.MAX_TOKENS)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "(message)"
+        raise EgressRefused(f"eval_report field {where!r}: {first.get('msg', 'invalid')}") from None
+    except fedeval.InvalidReport as e:
+        raise EgressRefused(f"eval_report: {e}") from None
+    return req.model_dump()
+
+
 def check_and_record(home: str | Path, destination: str, kind: str, payload: Mapping[str, Any],
                      schema: Schema) -> bytes:
     """Check an outbound message, record it, and return the exact bytes to send.
@@ -158,6 +182,8 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
             raise EgressRefused("a personal adapter never leaves this device")
         if kind == UPDATE:
             described: dict[str, Any] = {"tensors": _check_update(payload, schema)}
+            from safetensors.torch import save as safetensors_save  # noqa: PLC0415 (torch)
+
             data = safetensors_save({n: payload[n].detach().contiguous().cpu() for n in sorted(payload)})
         elif kind in SECAGG_KINDS:
             described = {"arrays": _check_update(payload, schema, np.ndarray)}
@@ -168,6 +194,10 @@ def check_and_record(home: str | Path, destination: str, kind: str, payload: Map
             data = json.dumps(metrics, sort_keys=True, separators=(",", ":")).encode()
         elif kind in (REGISTRATION, CHECKIN):
             described, data = _check_request(kind, payload)
+        elif kind == EVAL_REPORT:
+            report = _check_eval_report(payload)
+            described = {"eval_report": report}
+            data = json.dumps(report, sort_keys=True, separators=(",", ":")).encode()
         else:
             raise EgressRefused(f"kind {kind!r} may not leave this device; allowed: {list(ALLOWED_KINDS)}")
     except EgressRefused as refusal:

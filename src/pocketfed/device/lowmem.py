@@ -14,6 +14,15 @@ So the peak while loading is the destination model plus one chunk. `fill` does t
 built on the meta device whose parameter names are the file's (the lean model of
 `pocketfed.device.leanmodel`, which the device trains with); `load_frozen` builds a transformers
 model that way (the reference path; transformers is imported only there).
+
+Storage is not compute. The lean device model computes in float32 whatever the weights are stored
+in: `_FrozenLinear` rebuilds a bf16 or int8 weight as float32, at most SLICE_ROWS output rows at a
+time, in forward and again in backward. Why: a CPU without AVX512-BF16 or AMX has no fast bfloat16
+matrix product; torch's fallback for the backward's grad @ W (no transpose) ran ~50x slower than
+float32 on AVX2 kernels (61 ms vs 1.1 ms for [128, 1536] @ [1536, 576]; torch 2.13,
+ATEN_CPU_CAPABILITY=avx2 with oneDNN off, as on an AVX2-only CPU), which made the int8 watch plan
+4 tokens/s against the fp32 phone plan's 108 (issue 17). float32 GEMM has a fast path on every CPU
+torch supports. The transformers model of `load_frozen` keeps computing in its storage dtype.
 """
 
 from __future__ import annotations
@@ -43,26 +52,47 @@ class Precision(str, enum.Enum):
     int8 = "int8"
 
     @property
-    def compute_dtype(self) -> torch.dtype:
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of the weights that are not int8 (all of them under bf16; embeddings, head, norms under int8)."""
         return torch.float32 if self is Precision.fp32 else torch.bfloat16
 
 
-class _DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with W = scale[:, None] * Q; W is rebuilt in backward, never saved."""
+SLICE_ROWS = 4096  # output rows rebuilt at once: 4096 x 576 float32 = 9 MB for SmolLM2's head (49,152 rows)
+
+
+def _weight(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The stored weight rows [n, in] as `dtype`: scale[:, None] * Q for int8, a cast otherwise."""
+    if scale is None:
+        return stored.to(dtype)
+    # cast, then scale in place: torch.mul(int8, float) promotes element by element, ~15x slower (measured)
+    return stored.to(dtype).mul_(scale.to(dtype)[:, None])
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b, W = scale[:, None] * Q (int8) or the stored weight (scale None), in x's dtype.
+    W is rebuilt SLICE_ROWS output rows at a time in forward and again in backward, never saved:
+        y[..., s] = x W[s]^T        dL/dx = sum_s dL/dy[..., s] W[s]"""
 
     @staticmethod
-    def forward(ctx, x, q, scale, bias):  # type: ignore[override]
-        ctx.save_for_backward(q, scale)
-        w = q.to(x.dtype) * scale.to(x.dtype)[:, None]  # [out, in]
-        return F.linear(x, w, bias)
+    def forward(ctx, x, stored, scale, bias):  # type: ignore[override]
+        ctx.save_for_backward(stored, scale)
+        rows = stored.shape[0]
+        ys = [F.linear(x, _weight(stored[r : r + SLICE_ROWS], None if scale is None else scale[r : r + SLICE_ROWS], x.dtype))
+              for r in range(0, rows, SLICE_ROWS)]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [..., out]
+        return y if bias is None else y + bias.to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        q, scale = ctx.saved_tensors
+        stored, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        w = q.to(grad.dtype) * scale.to(grad.dtype)[:, None]
-        return grad @ w, None, None, None  # [..., out] @ [out, in] -> [..., in]
+        gx = None
+        for r in range(0, stored.shape[0], SLICE_ROWS):
+            w = _weight(stored[r : r + SLICE_ROWS], None if scale is None else scale[r : r + SLICE_ROWS], grad.dtype)
+            part = grad[..., r : r + SLICE_ROWS] @ w  # [..., n] @ [n, in] -> [..., in]
+            gx = part if gx is None else gx.add_(part)
+        return gx, None, None, None
 
 
 class Int8Linear(nn.Linear):
@@ -79,7 +109,17 @@ class Int8Linear(nn.Linear):
             self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantLinear.apply(x, self.weight, self.weight_scale, self.bias)
+        return _FrozenLinear.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+class CastLinear(nn.Linear):
+    """A frozen nn.Linear stored in a narrower float dtype than its input (bf16 weights, float32
+    activations): computed in the input's dtype, the weight cast a slice at a time (see _FrozenLinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return _FrozenLinear.apply(x, self.weight, None, self.bias)
 
 
 def fix_malloc_thresholds() -> None:
@@ -149,6 +189,15 @@ def quantize_linears(model: nn.Module) -> None:
                 setattr(module, child_name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
 
 
+def cast_linears(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Turn the frozen nn.Linear children called one of `names` into CastLinear (same parameters), before `fill`."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in names and type(child) is nn.Linear:
+                cast = CastLinear(child.in_features, child.out_features, child.bias is not None, device="meta")
+                setattr(module, child_name, cast)
+
+
 def fill(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     """Read every tensor of the safetensors file `path` into `model` (built on meta), chunk by chunk:
     Int8Linear weights are quantized per row, everything else is stored in `dtype`. Frozen."""
@@ -175,7 +224,7 @@ def load_frozen(folder: Path, precision: Precision) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    dtype = precision.compute_dtype
+    dtype = precision.storage_dtype  # transformers computes in it too
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if precision is Precision.int8:

@@ -18,11 +18,15 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  RUNTIME_MB = 225 stands in where nothing is measured (`pocketfed budget plan`).
     weights      fp32: 4 P   bf16: 2 P   int8: 1 byte x decoder linears + 4 bytes x their rows
                  + 2 bytes x (embeddings, head, norms)
+                 + under bf16 and int8 on the lean backend, one weight slice rebuilt in float32
+                 (max(lowmem.SLICE_ROWS, widest linear) x h x 4)
     adapter      16 bytes x LoRA params (fp32 weight, gradient, AdamW m and v)
-    activations  without checkpointing, every layer keeps for backward
-                     L x b T [e (3 h + 2 q + 2 kv + 3 i) + 4 h n_t [e = 2]]
-                 (SDPA's fused kernel keeps no T x T matrix); with checkpointing, each layer keeps
-                 its input and one layer is live at a time:  L x b T h e  +  one layer as above
+    activations  without checkpointing, every adapted layer keeps for backward
+                     L_a x b T [e (3 h + 2 q + 2 kv + 3 i) + 4 h n_t [e = 2]]
+                 (SDPA's fused kernel keeps no T x T matrix); with checkpointing, each adapted layer
+                 keeps its input and one layer is live at a time:  L_a x b T h e  +  one layer as above.
+                 L_a = lora.layers (0: all L): the frozen layers below run without a graph and keep
+                 nothing (sparse back-propagation, pocketfed.model.depth)
     logits       the loss runs over chunks of C positions (the plan's loss_chunk, leanmodel.LOSS_CHUNK
                  unless memory is short): one live chunk
                  C V (e + 24) (logits, their float copy, log-softmax, gradients), plus, without
@@ -31,7 +35,8 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  process whose runtime was measured after a warm-up step (`task.warm_up`): the
                  kernels are in the runtime already
 with P weights, L layers, h hidden, i intermediate, q = H d (query width), kv = H_kv d, V vocab,
-b micro-batch, T sequence, e the compute dtype's bytes (4 or 2), n_t LoRA targets per layer
+b micro-batch, T sequence, e the compute dtype's bytes (4: the lean model computes in float32
+whatever its storage; 2 for transformers + PEFT under bf16 or int8), n_t LoRA targets per layer
 (their float32 input copies when the base computes in bf16). The coefficients were fitted to
 measured runs of SmolLM2-135M and `tiny` (bench/bench_budget.py) so that the prediction stays an
 upper bound: measured / predicted was 0.84-0.96 over fp32, bf16 and int8, with and without
@@ -54,10 +59,11 @@ from typing import Any
 
 from pocketfed.config import LoraConfig, TrainConfig
 from pocketfed.device.leanmodel import LOSS_CHUNK, LeanConfig
-from pocketfed.device.lowmem import INT8_MODULES, Precision
+from pocketfed.device.lowmem import INT8_MODULES, SLICE_ROWS, Precision
 from pocketfed.device.profiles import DeviceProfile
 from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
+from pocketfed.model.depth import adapted_layers
 
 MB = 1 << 20
 MIN_SEQ = 32
@@ -98,6 +104,7 @@ class Plan:
     budget_mb: float
     backend: Backend = Backend.lean
     loss_chunk: int = LOSS_CHUNK  # positions per chunk of the lean model's loss
+    layers: int = 0  # LoRA on the top `layers` decoder layers (0 = all): lora.layers
 
     @property
     def predicted_peak_mb(self) -> float:
@@ -117,9 +124,10 @@ class Plan:
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
                micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB,
-               loss_chunk: int = LOSS_CHUNK, warmed: bool = False) -> dict[str, float]:
+               loss_chunk: int = LOSS_CHUNK, warmed: bool = False, layers: int = 0,
+               backend: Backend = Backend.lean) -> dict[str, float]:
     """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
-    e = 4 if precision is Precision.fp32 else 2
+    e = 4 if precision is Precision.fp32 or backend is Backend.lean else 2
     if precision is Precision.fp32:
         weights = 4 * shape.params
     elif precision is Precision.bf16:
@@ -127,12 +135,15 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     else:
         int8_rows = shape.layers * sum(out for m, (_, out) in shape.module_dims().items() if m in INT8_MODULES)
         weights = shape.linear_params + 4 * int8_rows + 2 * shape.other_params
-    adapter = 16 * shape.lora_params(rank, list(targets))
+    if precision is not Precision.fp32 and backend is Backend.lean:
+        weights += 4 * shape.hidden * max(SLICE_ROWS, *(out for _, out in shape.module_dims().values()))
+    adapter = 16 * shape.lora_params(rank, list(targets), layers)
     b, t, h = micro_batch, seq_len, shape.hidden
     q, kv, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     n_t = len([x for x in targets if x in shape.module_dims()])
     layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
-    activations = (shape.layers * b * t * h * e + layer) if checkpointing else shape.layers * layer
+    kept = shape.adapted(layers)  # layers that keep activations for backward
+    activations = (kept * b * t * h * e + layer) if checkpointing else kept * layer
     logits = loss_chunk * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
     parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + (WARM_MARGIN_MB if warmed else MARGIN_MB)
@@ -168,6 +179,7 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
     if backend is Backend.peft:
         runtime_mb += PEFT_IMPORTS_MB
     rank = max(1, min(lora.rank, profile.max_rank))
+    adapted_layers(lora.layers, shape.layers)  # refuses a depth the model does not have, by name
     targets = tuple(lora.target_modules)
     unknown = [x for x in targets if x not in shape.module_dims()]
     if unknown:
@@ -177,9 +189,9 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
     for micro, ckpt, prec, t, chunk in candidates(train.batch_size, seq_len):
         if backend is Backend.peft and chunk != LOSS_CHUNK:  # transformers' loss is not chunked
             continue
-        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk, warmed)
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk, warmed, lora.layers, backend)
         last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
-                    mem, profile.train_memory_mb, backend, chunk)
+                    mem, profile.train_memory_mb, backend, chunk, lora.layers)
         if train.batch_size % micro:  # accumulation must cover the batch exactly
             continue
         if mem["predicted_peak"] <= profile.train_memory_mb:

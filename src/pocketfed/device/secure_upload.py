@@ -46,9 +46,12 @@ def _directory(view: wire.SecAggState, round_id: int) -> secagg.KeyDirectory:
 
 
 def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Path, server: str, task: wire.TaskSpec,
-                  vector: np.ndarray, metrics: dict[str, float], num_tokens: int, emit: Emit) -> None:
+                  vector: np.ndarray, metrics: dict[str, float], num_tokens: int, emit: Emit,
+                  bound: float | None = None, kind: str = ledger.MASKED_UPDATE) -> None:
     """Steps 0-3 for one round, each message through the ledger first; the same device functions
     `secagg.simulate_round` runs, with the device's identity key (`client.key`) as its signer.
+    `bound` and `kind`: the vector's L2 bound and the masked input's ledger kind when the vector is
+    not the round's update (a federated evaluation's report: `pocketfed.device.evaluate`).
 
     Raises RoundLost when the round leaves this device behind, SecAggError when the server's
     parameters or messages fail a check (then this device sends nothing more for the round).
@@ -68,7 +71,8 @@ def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Pat
         raise RoundLost(f"round {rid} fixed its cohort without this device")
     config = secagg.SecAggConfig(**view.params.model_dump())
     secagg.accept_config(config, round_id=rid, dimension=vector.size, min_degree=plan.secagg_degree,
-                         clip_norm=pipeline.secure_bound(plan, adapter_dim), frac_bits=plan.frac_bits)
+                         clip_norm=bound if bound is not None else pipeline.secure_bound(plan, adapter_dim),
+                         frac_bits=plan.frac_bits)
     state = secagg.check_directory(secagg.begin(config, view.index, keys, client.key), _directory(view, rid))
     state, shares = secagg.share_keys(state)
     holders = set(state.neighbours) | {state.device_id}
@@ -81,7 +85,7 @@ def secure_upload(client: http.DeviceClient, call: Callable[..., Any], home: Pat
         secagg.EncryptedShare(s.sender, state.device_id, bytes.fromhex(s.nonce), bytes.fromhex(s.ciphertext))
         for s in view.shares or ()))
     state, masked = secagg.mask_input(state, bundle, vector)
-    payload = ledger.check_and_record(home, server, ledger.MASKED_UPDATE, sw.masked_arrays(masked), sw.masked_schema(config))
+    payload = ledger.check_and_record(home, server, kind, sw.masked_arrays(masked), sw.masked_schema(config))
     call(client.upload, rid, payload, task.chunk_bytes)
     call(client.commit, rid, payload, num_tokens, metrics)
     emit("secagg", {"round": task.round_index, "step": "masked", "bytes": len(payload)})

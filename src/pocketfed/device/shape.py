@@ -67,12 +67,22 @@ class ModelShape:
     def params(self) -> int:
         return self.linear_params + self.other_params
 
-    def lora_params(self, rank: int, targets: list[str]) -> int:
-        dims = self.module_dims()
-        return self.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+    def adapted(self, layers: int = 0) -> int:
+        """How many decoder layers carry LoRA when `lora.layers` is `layers` (0 = all)."""
+        return self.layers if layers <= 0 else min(layers, self.layers)
 
-    def flops_per_token(self, checkpointing: bool) -> float:
-        """Training FLOPs per token with a frozen base: forward 2N, backward through activations
-        2N (no weight gradients), plus 2N for the recomputed forward under checkpointing."""
-        n = self.linear_params + self.vocab * self.hidden  # the head is a matmul; embeddings a lookup
-        return (6.0 if checkpointing else 4.0) * n
+    def lora_params(self, rank: int, targets: list[str], layers: int = 0) -> int:
+        dims = self.module_dims()
+        return self.adapted(layers) * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+
+    def flops_per_token(self, checkpointing: bool, layers: int = 0) -> float:
+        """Training FLOPs per token with a frozen base and LoRA on the top `layers` (0 = all):
+        forward 2N over the whole model; backward through activations 2N_a (no weight gradients),
+        where N_a counts the head and the adapted layers only (back-propagation stops below them,
+        `pocketfed.model.depth`); plus 2N_a for the recomputed forward under checkpointing (the
+        frozen layers below run once, outside checkpointing). With all layers adapted N_a = N."""
+        per_layer = self.linear_params // self.layers
+        head = self.vocab * self.hidden  # the head is a matmul; embeddings a lookup
+        n = self.layers * per_layer + head
+        n_a = self.adapted(layers) * per_layer + head
+        return 2.0 * n + (4.0 if checkpointing else 2.0) * n_a

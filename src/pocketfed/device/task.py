@@ -102,7 +102,7 @@ def wrap_peft(model: nn.Module, micro_batch: int = 0) -> DeviceModel:
 
 def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float = 0.0) -> DeviceModel:
     """The base of `folder` under `plan` (backend, precision, checkpointing) with LoRA at the plan's
-    rank and targets; A drawn under `seed` (as `lora.attach` draws it; the global adapter overwrites it)."""
+    rank and targets on its top `plan.layers` layers (0 = all); A drawn under `seed` (as `lora.attach` draws it; the global adapter overwrites it)."""
     if plan.backend is Backend.peft:
         from pocketfed.device.lowmem import load_frozen
         from pocketfed.model import lora
@@ -110,11 +110,12 @@ def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float
         base = load_frozen(folder, plan.precision)
         if plan.checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lcfg = LoraConfig(rank=plan.rank, alpha=alpha, dropout=dropout, target_modules=list(plan.target_modules))
+        lcfg = LoraConfig(rank=plan.rank, alpha=alpha, dropout=dropout, target_modules=list(plan.target_modules),
+                          layers=plan.layers)
         return wrap_peft(lora.attach(base, lcfg, seed), plan.micro_batch)
     lean = leanmodel.load(folder, plan.precision)
     lean.checkpointing, lean.loss_chunk = plan.checkpointing, plan.loss_chunk
-    leanmodel.attach_lora(lean, plan.rank, alpha, plan.target_modules, seed, dropout)
+    leanmodel.attach_lora(lean, plan.rank, alpha, plan.target_modules, seed, dropout, plan.layers)
     params = {leanmodel.PEFT_PREFIX + n: p for n, p in lean.named_parameters() if p.requires_grad}
     return DeviceModel(lean, Backend.lean, params, lean.loss, plan.micro_batch)
 
@@ -149,7 +150,7 @@ def warm_up(targets: tuple[str, ...]) -> None:
 def reference_plan(lora: LoraConfig, train: TrainConfig, seq_len: int, backend: Backend = Backend.lean) -> Plan:
     """No budget: fp32 base, the configured rank, the whole batch at once, no checkpointing."""
     return Plan("none", Precision.fp32, lora.rank, tuple(lora.target_modules), train.batch_size, 1, seq_len,
-                False, {}, float("inf"), backend)
+                False, {}, float("inf"), backend, layers=lora.layers)
 
 
 # ---- the loop -----------------------------------------------------------------------------------

@@ -12,26 +12,40 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from transformers import PreTrainedModel
 
 from pocketfed.config import LoraConfig
+from pocketfed.model.depth import adapted_layers
 
 AdapterState = dict[str, torch.Tensor]
 
 
-def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
+def peft_config(cfg: LoraConfig, layers: list[int] | None = None) -> PeftLoraConfig:
+    """PEFT's config for `cfg`, LoRA on the decoder layers `layers` (None: all). Where an adapter
+    state exists, `layers` comes from its names (`depth.layers_of`), so the folder matches its weights."""
     return PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
 def attach(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
-    """Wrap the (frozen) base model with LoRA; the initial A matrices are drawn under `seed`."""
+    """Wrap the (frozen) base model with LoRA on the top `cfg.layers` decoder layers (0 = all); the
+    initial A matrices are drawn under `seed`, in module order.
+
+    Sparse back-propagation (`pocketfed.model.depth`): nothing below the lowest adapted layer
+    requires a gradient, so autograd records no graph there and keeps none of its activations, as
+    long as the embeddings' output does not require a gradient. PEFT and transformers'
+    checkpointing make it require one (`enable_input_require_grads`, for reentrant checkpointing,
+    which we never use); a last forward hook detaches it again (the embeddings are frozen)."""
+    n = int(model.config.num_hidden_layers)
+    layers = adapted_layers(cfg.layers, n)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, layers if len(layers) < n else None))
+    model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.detach())
     return peft_model
 
 

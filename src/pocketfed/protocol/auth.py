@@ -6,8 +6,11 @@ signature over the request, body included.
               X-PF-Nonce: 16 random bytes (hex)    X-PF-Signature: Ed25519(message) (hex)
 
 The server refuses (in this order) malformed headers, a timestamp more than the allowed skew
-from its clock, a signature that does not verify, a key no device registered, and a nonce this
-key already used (nonces are kept for twice the skew, which covers every timestamp still accepted).
+from its clock, a key no device registered (all three from the headers alone, before a byte of the
+body is read: `check_headers`), a signature that does not verify (over the body's sha256, computed
+as the body streams in: `Headers.verify`), and a nonce this key already used (nonces are kept for
+twice the skew, which covers every timestamp still accepted; only a registered key's verified
+requests spend one, so strangers add no rows).
 """
 
 from __future__ import annotations
@@ -45,8 +48,13 @@ class SignedRequest:
 
 
 def message(method: str, path_qs: str, timestamp: str, nonce: str, body: bytes) -> bytes:
-    return "\n".join(["pocketfed-v1", method.upper(), path_qs, timestamp, nonce,
-                      hashlib.sha256(body).hexdigest()]).encode()
+    return digest_message(method, path_qs, timestamp, nonce, hashlib.sha256(body).hexdigest())
+
+
+def digest_message(method: str, path_qs: str, timestamp: str, nonce: str, body_sha256: str) -> bytes:
+    """The signed message, from the body's sha256 (hex): a server that streams a body to disk
+    hashes it as it arrives and checks the signature at the end."""
+    return "\n".join(["pocketfed-v1", method.upper(), path_qs, timestamp, nonce, body_sha256]).encode()
 
 
 def public_hex(key: Ed25519PrivateKey) -> str:
@@ -61,9 +69,28 @@ def sign_headers(key: Ed25519PrivateKey, method: str, path_qs: str, body: bytes,
     return {KEY: public_hex(key), TIMESTAMP: ts, NONCE: nonce, SIGNATURE: sig}
 
 
-def verify_headers(headers: Mapping[str, str], method: str, path_qs: str, body: bytes,
-                   now: float, max_skew_s: float) -> SignedRequest:
-    """Check form, freshness and signature (not registration or replay: those need the store)."""
+@dataclass(frozen=True)
+class Headers:
+    """A request's signature headers, well formed and within the clock window (signature unchecked)."""
+
+    public_key: str
+    timestamp: str  # as sent: the signed message holds these characters
+    nonce: str
+    signature: str
+
+    def verify(self, method: str, path_qs: str, body_sha256: str) -> SignedRequest:
+        """The signature over the request whose body has this sha256 (hex), or AuthError."""
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.public_key)).verify(
+                bytes.fromhex(self.signature), digest_message(method, path_qs, self.timestamp, self.nonce, body_sha256))
+        except (ValueError, InvalidSignature):
+            raise AuthError(BAD_SIGNATURE, "request signature does not verify for X-PF-Key") from None
+        return SignedRequest(self.public_key, float(self.timestamp), self.nonce)
+
+
+def check_headers(headers: Mapping[str, str], now: float, max_skew_s: float) -> Headers:
+    """Check what the headers alone can show: their form and the timestamp's freshness (before any
+    body is read; the signature, which covers the body, is `Headers.verify`'s)."""
     key, ts, nonce, sig = (headers.get(h, "") for h in (KEY, TIMESTAMP, NONCE, SIGNATURE))
     if not (len(key) == 64 and _HEX.match(key)):
         raise AuthError(BAD_HEADERS, "X-PF-Key must be the device's Ed25519 public key as 64 hex digits")
@@ -80,9 +107,10 @@ def verify_headers(headers: Mapping[str, str], method: str, path_qs: str, body: 
     if abs(now - t) > max_skew_s:
         raise AuthError(STALE, f"request timestamp is {now - t:+.0f} s from the server's clock; "
                                f"at most {max_skew_s:.0f} s is accepted (check the device clock)")
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)).verify(
-            bytes.fromhex(sig), message(method, path_qs, ts, nonce, body))
-    except (ValueError, InvalidSignature):
-        raise AuthError(BAD_SIGNATURE, "request signature does not verify for X-PF-Key") from None
-    return SignedRequest(key, t, nonce)
+    return Headers(key, ts, nonce, sig)
+
+
+def verify_headers(headers: Mapping[str, str], method: str, path_qs: str, body: bytes,
+                   now: float, max_skew_s: float) -> SignedRequest:
+    """Check form, freshness and signature (not registration or replay: those need the store)."""
+    return check_headers(headers, now, max_skew_s).verify(method, path_qs, hashlib.sha256(body).hexdigest())

@@ -8,12 +8,14 @@ described here by name, shape and dtype.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pocketfed.config import Codec, DPMode
-from pocketfed.privacy.pipeline import PrivacyPlan
+
+if TYPE_CHECKING:  # the pipeline imports torch; the light commands (`status`, `ledger`) read these messages
+    from pocketfed.privacy.pipeline import PrivacyPlan
 
 WIRE_VERSION = 1
 PREFIX = "/v1"
@@ -56,6 +58,9 @@ class Eligibility(Strict):
     idle: bool
     unmetered: bool
     free_memory_mb: int = Field(ge=0, le=10**7)
+    # the memory profile the device trains under (watch, phone, car, a user's; "" for none): a device
+    # class, not personal data; the operator's console shows it
+    profile: str = Field("", max_length=64)
 
 
 class CheckinRequest(Strict):
@@ -74,6 +79,7 @@ class LoraSpec(Strict):
     alpha: Finite
     dropout: float = Field(ge=0.0, lt=1.0)
     target_modules: list[Annotated[str, Field(max_length=128)]] = Field(max_length=64)
+    layers: int = Field(default=0, ge=0, le=4096)  # LoRA on the top `layers` decoder layers (0 = all)
 
 
 class DataSpec(Strict):
@@ -93,7 +99,7 @@ class TrainSpec(Strict):
 
 
 class SignedManifest(Strict):
-    manifest: dict[str, int | float | str]  # pocketfed.release.signing.Manifest fields
+    manifest: dict[str, int | float | str]  # pocketfed.signing.Manifest fields
     signature: Hex128
 
 
@@ -119,8 +125,30 @@ class PrivacySpec(Strict):
                            count_noise_std=plan.count_noise_std)
 
     def to_plan(self, codec: str) -> PrivacyPlan:
+        from pocketfed.privacy.pipeline import PrivacyPlan  # noqa: PLC0415 (torch)
+
         return PrivacyPlan(DPMode(self.dp), self.clip_norm, self.noise_multiplier, self.expected_devices, self.secagg,
                            Codec(codec), self.frac_bits, self.secagg_degree, self.adaptive_clip, self.count_noise_std)
+
+
+class EvalSpec(Strict):
+    """A federated evaluation task (`pocketfed.server.evaluations`): score the release on the
+    device's test split, at most `max_tokens` predicted tokens, and report `fedeval.Sums` (in the
+    clear to /v1/evaluations/{round_id}/report, or under `privacy.secagg` as r / max_tokens through
+    the round's secure-aggregation stages, whose bound the device checks against its own
+    `fedeval.BOUND`)."""
+
+    max_tokens: int = Field(ge=1, le=2**20)
+
+
+class EvalReport(Strict):
+    """Device -> server: one device's evaluation sums (`pocketfed.protocol.fedeval.Sums`), in the clear."""
+
+    loss_sum: float = Field(ge=0.0, allow_inf_nan=False)
+    tokens: int = Field(ge=0, le=2**20)
+    top1_hits: int = Field(ge=0, le=2**20)
+    top3_hits: int = Field(ge=0, le=2**20)
+    wire_version: Literal[1] = WIRE_VERSION
 
 
 class TaskSpec(Strict):
@@ -138,6 +166,7 @@ class TaskSpec(Strict):
     max_upload_bytes: int
     chunk_bytes: int
     privacy: PrivacySpec | None = None  # None: upload the update as it is (no DP, no secagg)
+    evaluate: EvalSpec | None = None  # set: evaluate the release instead of training (round_id names the evaluation)
 
 
 class CheckinResponse(Strict):
@@ -200,6 +229,9 @@ class StatusResponse(Strict):
     privacy: dict[str, Any] | None = None  # epsilon spent, delta, noise multiplier, clip norm, ...
     open_round: OpenRound | None
     rounds: list[RoundInfo]
+    # federated evaluations, oldest first (`Store.evaluations` rows: version, status, devices, loss,
+    # perplexity, top1, top3, tokens, secure, ...): totals over the sampled devices, nothing per device
+    evaluations: list[dict[str, Any]] = Field(default_factory=list)
 
 
 # ---- secure aggregation (Bonawitz et al. 2017): server -> device views of a round's stage ---------

@@ -26,7 +26,7 @@ from pathlib import Path
 from pocketfed.errors import UserError
 from pocketfed.release.formats import Format, parse_format
 from pocketfed.release.manifest import build_manifest, write_manifest
-from pocketfed.release.merge import load_base_for, lora_factors, merge, read_run
+from pocketfed.release.merge import RunInputs, load_base_for, lora_factors, merge, read_run
 
 Progress = Callable[[str], None]  # called with the name of each step as it starts
 
@@ -35,6 +35,15 @@ def _prepare_out(out: Path) -> None:
     """Refuse an --out folder that holds something other than a previous export."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
         raise UserError(f"--out {str(out)!r} already exists and is not a pocketfed export; choose another folder")
+
+
+def check_out(out: str | Path, force: bool) -> None:
+    """What `pocketfed export` checks before any work: --out is free, or holds an export that --force
+    may replace (the library's `export` replaces one silently: a device rebuilds its model in place)."""
+    out = Path(out).expanduser()
+    _prepare_out(out)
+    if (out / "manifest.json").is_file() and not force:
+        raise UserError(f"--out {str(out)!r} already holds an export; pass --force to replace it, or choose another folder")
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -49,17 +58,18 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def export(
-    run_dir: str | Path,
+    run_dir: str | Path | RunInputs,
     fmt: str | Format,
     out: str | Path,
     personal: str | Path | None = None,
     progress: Progress = lambda step: None,
 ) -> Path:
-    """Export the run's (optionally personalized) model to `out`; returns `out`."""
+    """Export the run's (optionally personalized) model to `out`; returns `out`. `run_dir` is a
+    simulate folder, or inputs already read (`pocketfed.release.deployment.read_deployment`)."""
     # 0. check, cheaply
     fmt = fmt if isinstance(fmt, Format) else parse_format(fmt)
     out = Path(out).expanduser()
-    run = read_run(run_dir, personal)
+    run = run_dir if isinstance(run_dir, RunInputs) else read_run(run_dir, personal)
     _prepare_out(out)
 
     # 1. load

@@ -1,23 +1,27 @@
 """What devices ask of the coordinator: check in, upload (chunked, resumable, size-limited,
 validated), and the secure-aggregation messages. Each checks the request against the round and
-the store, records it in one transaction and ticks the lifecycle."""
+the store, records it in one transaction and ticks the lifecycle. A sampled device is given a
+federated evaluation's task before a training one (`evaluations.checkin`); under secure aggregation
+its report takes the same stages and upload as an update, under the evaluation's id (`_round`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
+from pathlib import Path
 from typing import Any
 
 from pocketfed.privacy import secagg
 from pocketfed.protocol import secagg_wire as sw
-from pocketfed.server import lifecycle
+from pocketfed.server import evaluations, lifecycle, operations
 from pocketfed.server import round as engine
 from pocketfed.server import secagg_stages as stages
 from pocketfed.server.sampling import device_seed
 from pocketfed.server.service import (DUPLICATE, HASH_MISMATCH, INVALID_SECAGG, INVALID_UPDATE, NOT_ASSIGNED,
                                       NOT_IN_COHORT, OFFSET_MISMATCH, ROUND_CLOSED, STAGE_OF, TOO_LARGE, TRUNCATED,
                                       UNKNOWN_ROUND, WRONG_STAGE, Assignment, Coordinator, Eligibility, Refused, Wait)
-from pocketfed.server.store import Round, SecAggRound, Update, sha256_hex
+from pocketfed.server.store import Round, SecAggRound, Update, private_dir, sha256_hex
 
 
 def eligibility_problem(e: Eligibility, c: Coordinator) -> str | None:
@@ -37,16 +41,21 @@ def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assig
         lifecycle.tick(c, now)
         c.store.touch_device(device_id, now)
         later = now + c.cfg.deploy.retry_s
+        if eligibility_problem(e, c) is None and (task := evaluations.checkin(c, device_id, now)) is not None:
+            return task  # evaluating a released version comes before training (and outlives it)
         stop = lifecycle.stop_reason(c)
         if stop is not None:
             return Wait(later, stop, done=True)
         problem = eligibility_problem(e, c)
+        c.store.note_checkin(device_id, now, problem is None, e.profile)  # the console's devices panel
         if problem:
             return Wait(later, problem)
         r = c.store.open_round()
-        if r is None:  # `lifecycle.open_round` waits for enough registered devices
-            return Wait(later, f"no round is open: {c.store.count_devices()} devices are registered and a round "
-                               f"needs at least {engine.min_cohort(c.cfg.deploy.quorum, c.cfg.privacy.secagg)}")
+        if r is None:  # `lifecycle.open_round` waits for enough registered devices, or the operator
+            return Wait(later, operations.hold_reason(c)
+                        or f"no round is open: {c.store.count_devices()} devices are registered and a round "
+                           f"needs at least {engine.min_cohort(c.cfg.deploy.quorum, c.cfg.privacy.secagg)} "
+                           f"(the coordinator's deploy.quorum={c.cfg.deploy.quorum}; its operator can lower it)")
         if c.store.has_update(r.round_id, device_id):
             return Wait(later, f"this device's update for round {r.round_id} is in; wait for the next round")
         s = c.store.secagg_round(r.round_id)
@@ -64,10 +73,19 @@ def checkin(c: Coordinator, device_id: str, e: Eligibility, now: float) -> Assig
         return Assignment(r.round_id, r.idx, device_seed(c.cfg.sim.seed, r.idx, device_id), r.deadline, version)
 
 
+def _round(c: Coordinator, round_id: int) -> Round | None:
+    """A training round, or a federated evaluation seen as one (`evaluations.as_round`): under
+    secure aggregation an evaluation's report goes through the same stages and upload."""
+    return c.store.round(round_id) or evaluations.as_round(c, round_id)
+
+
 def _check_can_upload(c: Coordinator, round_id: int, device_id: str, now: float) -> Round:
-    r = c.store.round(round_id)
+    r = _round(c, round_id)
     if r is None:
         raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
+    if evaluations.eval_id_of(round_id) is not None and not c.cfg.privacy.secagg:
+        raise Refused(WRONG_STAGE, f"evaluation {round_id} takes its report in the clear at "
+                                   f"/v1/evaluations/{round_id}/report, not as an upload")
     if r.status != "open":
         raise Refused(ROUND_CLOSED, f"round {round_id} is closed ({r.status}); its uploads are refused")
     if c.cfg.privacy.secagg:  # the upload is step 2's masked input
@@ -91,8 +109,11 @@ def upload_received(c: Coordinator, round_id: int, device_id: str, now: float) -
     return path.stat().st_size if path.exists() else 0
 
 
-def receive_chunk(c: Coordinator, round_id: int, device_id: str, offset: int, data: bytes, now: float) -> int:
-    """Append one chunk of an upload at `offset` (which must be what was received so far)."""
+def receive_chunk(c: Coordinator, round_id: int, device_id: str, offset: int, data: bytes | Path, now: float) -> int:
+    """Append one chunk of an upload at `offset` (which must be what was received so far): its bytes,
+    or the file the HTTP layer streamed the request's body into. The .part file is 0600 in a 0700
+    folder (`store.private_dir`): an update in progress is the server's alone."""
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
     with c.lock:
         _check_can_upload(c, round_id, device_id, now)
         path = c.store.upload_path(round_id, device_id)
@@ -101,14 +122,18 @@ def receive_chunk(c: Coordinator, round_id: int, device_id: str, offset: int, da
         have = path.stat().st_size if path.exists() else 0
         if offset != have:
             raise Refused(OFFSET_MISMATCH, f"upload offset {offset} does not follow the {have} bytes received", received=have)
-        if have + len(data) > c.max_upload_bytes:
-            raise Refused(TOO_LARGE, f"upload would be {have + len(data)} bytes; the limit is {c.max_upload_bytes}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(data)
+        if have + size > c.max_upload_bytes:
+            raise Refused(TOO_LARGE, f"upload would be {have + size} bytes; the limit is {c.max_upload_bytes}")
+        private_dir(path.parent)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as f:
+            if isinstance(data, Path):
+                with open(data, "rb") as src:
+                    shutil.copyfileobj(src, f, 2**20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        return have + len(data)
+        return have + size
 
 
 def _check_payload(c: Coordinator, data: bytes, round_id: int, device_id: str) -> None:
@@ -152,13 +177,13 @@ def commit_upload(c: Coordinator, round_id: int, device_id: str, size: int, sha2
             c.store.add_update(Update(round_id, device_id, blob, size, num_tokens, dict(metrics), now))
         path.unlink(missing_ok=True)
         lifecycle.tick(c, now)
-        r = c.store.round(round_id)
+        r = _round(c, round_id)
         return r is not None and r.status != "open"
 
 
 def _check_secagg_step(c: Coordinator, round_id: int, device_id: str, kind: str, now: float) -> tuple[Round, SecAggRound]:
     """The round is open, in `kind`'s stage, before its deadline; the device is in it, once."""
-    r = c.store.round(round_id)
+    r = _round(c, round_id)
     if r is None:
         raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
     if not c.cfg.privacy.secagg:
@@ -225,7 +250,7 @@ def secagg_view(c: Coordinator, round_id: int, device_id: str, now: float) -> di
     """What the server tells device `device_id` about the round's current stage (wire.SecAggState)."""
     with c.lock:
         lifecycle.tick(c, now)
-        r = c.store.round(round_id)
+        r = _round(c, round_id)
         if r is None:
             raise Refused(UNKNOWN_ROUND, f"round {round_id} does not exist")
         if not c.store.is_assigned(round_id, device_id):

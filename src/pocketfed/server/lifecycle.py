@@ -29,14 +29,17 @@ Every state change happens under `Coordinator.lock`; time is passed in.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from pocketfed.privacy import secagg
-from pocketfed.server import checkpoint, sampling
+from pocketfed.server import checkpoint, evaluations, operations, sampling
 from pocketfed.server import round as engine
 from pocketfed.server import secagg_stages as stages
 from pocketfed.server.service import Coordinator
 from pocketfed.server.store import Round, Version
+
+log = logging.getLogger("pocketfed.server")
 
 
 def stop_reason(c: Coordinator) -> str | None:
@@ -57,12 +60,16 @@ def tick(c: Coordinator, now: float) -> None:
     """Advance the lifecycle: close a round the engine decides on; open the next, drawing its
     cohort, and close it at once if that cohort is too small to commit."""
     with c.lock:
+        operations.flush_traffic(c)  # the bytes devices sent and got since the last tick
+        evaluations.tick(c, now)  # federated evaluation runs beside the training rounds
         r = c.store.open_round()
         if r is not None and _too_small(c, r):  # opened, then the process stopped before closing it
             close_empty_round(c, r, now)
         elif r is not None:
             if c.cfg.privacy.secagg:
                 decision = stages.advance(c, r, now)
+                if (s := c.store.secagg_round(r.round_id)) is not None:  # when each stage began, for the console
+                    c.store.mark_stage(r.round_id, s.stage, now)
             else:
                 decision = engine.decide(c.store.count_updates(r.round_id), r.goal, r.quorum, r.deadline, now)
             if decision.action == "wait":
@@ -70,7 +77,7 @@ def tick(c: Coordinator, now: float) -> None:
             if decision.action == "commit":
                 try:
                     commit_round(c, r, now, decision.reason)
-                except secagg.SecAggError as e:  # the secure sum cannot be unmasked: nothing is released
+                except (secagg.SecAggError, engine.RoundFailed) as e:  # no sum, or a non-finite result: nothing released
                     abort_round(c, r, now, str(e), "failed")
             else:
                 abort_round(c, r, now, decision.reason, "failed" if decision.action == "fail" else "aborted")
@@ -97,9 +104,13 @@ def _frame(c: Coordinator, devices: list[str], idx: int) -> list[str]:
 
 def open_round(c: Coordinator, now: float) -> Round | None:
     """Open the next round with its Poisson-sampled cohort; None while fewer devices are registered
-    than a round needs (their rounds could only close empty)."""
+    than a round needs (their rounds could only close empty), or while the operator holds rounds
+    (`operations.hold_reason`: paused, or releases frozen below the latest version). A revoked
+    device is outside the frame; the goal is the operator's for the next rounds (`next_goal`)."""
     d = c.cfg.deploy
-    registered = c.store.device_ids()
+    if operations.hold_reason(c) is not None:
+        return None
+    registered = [x for x in c.store.device_ids() if not operations.is_revoked(c, x)]
     if len(registered) < _min_cohort(c):
         return None
     latest = c.store.latest_version()
@@ -107,12 +118,16 @@ def open_round(c: Coordinator, now: float) -> Round | None:
     idx = latest.rounds_applied
     frame = _frame(c, registered, idx)
     key = sampling.fresh_key()
-    cohort = engine.sample_cohort(frame, engine.cohort_target(d.goal, d.overselect), key)
+    goal = operations.next_goal(c)
+    cohort = engine.sample_cohort(frame, engine.cohort_target(goal, d.overselect), key)
     with c.store.transaction():
-        round_id = c.store.add_round(idx, latest.version, now, now + d.deadline_s, d.goal, d.quorum,
+        round_id = c.store.add_round(idx, latest.version, now, now + d.deadline_s, goal, d.quorum,
                                      cohort.sample_rate, key.hex(), cohort.devices)
+        c.store.mark_stage(round_id, "open", now)
         if c.cfg.privacy.secagg:
             c.store.add_secagg_round(round_id, now + d.deadline_s)
+            c.store.mark_stage(round_id, "advertise", now)
+    c.round_goal = goal  # the round's privacy plan uses the goal it opened with
     return c.store.round(round_id)
 
 
@@ -180,12 +195,17 @@ def commit_round(c: Coordinator, r: Round, now: float, reason: str) -> Version:
     assert base is not None
     state = checkpoint.state_from_bytes(c.store.get_blob(base.state_sha), base.rounds_applied)
     contributions, total = collect(c, r)
-    mean = engine.aggregate(contributions, c.plan, c.like, total)  # type: ignore[arg-type]
+    # token claims bounded by the task's budget (every task of a deployment carries cfg.train), norms bounded
+    budget = engine.token_budget(c.cfg.train, c.cfg.data.seq_len)
+    defended = engine.defend(contributions, c.cfg.server, c.plan, {x.device_id: budget for x in contributions})
+    contributions = defended.contributions
+    mean = engine.aggregate(contributions, c.plan, c.like, total, c.cfg.server.aggregator, c.cfg.server)  # type: ignore[arg-type]
     out = engine.commit(state, c.privacy, contributions, mean, c.cfg, plan=c.plan, secure_total=total,  # type: ignore[arg-type]
-                        sample_rate=r.sample_rate)  # the q this round's cohort was drawn at
+                        sample_rate=r.sample_rate)  # the q this round's cohort was drawn at; RoundFailed: not finite
     adapter_sha = c.store.put_blob(checkpoint.adapter_to_bytes(out.state.params))  # blobs before the commit row
     state_sha = c.store.put_blob(checkpoint.state_to_bytes(out.state))
-    metrics = {**out.metrics, "commit_seconds": time.perf_counter() - t0}  # collect + aggregate + apply + blobs
+    metrics = {**out.metrics, "commit_seconds": time.perf_counter() - t0,  # collect + aggregate + apply + blobs
+               "clipped": defended.clipped, "tokens_bounded": defended.tokens_bounded, "norm_bound": defended.norm_bound}
     v = Version(base.version + 1, base.version, r.round_id, out.state.round, adapter_sha, state_sha, now)
     with c.store.transaction():
         c.store.add_version(v)
@@ -196,6 +216,7 @@ def commit_round(c: Coordinator, r: Round, now: float, reason: str) -> Version:
             c.store.set_secagg_stage(r.round_id, "done", now)
     c.privacy = out.privacy if out.privacy is not None else c.privacy
     drop_uploads(c, r.round_id)
+    evaluations.open_if_due(c, now)  # every deploy.eval_every-th round: sampled devices evaluate v
     return v
 
 
@@ -206,6 +227,13 @@ def abort_round(c: Coordinator, r: Round, now: float, reason: str, status: str =
         if c.cfg.privacy.secagg:
             c.store.set_secagg_stage(r.round_id, "done", now)
     drop_uploads(c, r.round_id)
+    silent = c.store.count_assigned(r.round_id) - c.store.count_updates(r.round_id)
+    # the operator is the one who can act: say which keys decide (the devices were told their side)
+    log.warning("round %d %s: %s%s", r.round_id, status, reason, "" if silent <= 0 else
+                f"; {silent} device(s) took the task and sent nothing (a device whose data is below "
+                f"data.min_train_tokens={c.cfg.data.min_train_tokens} training tokens stops with a message saying so): "
+                f"the operator can lower data.min_train_tokens or deploy.quorum={c.cfg.deploy.quorum}, or raise "
+                f"deploy.deadline_s={c.cfg.deploy.deadline_s:g} (restart `pocketfed server` with --set KEY=VALUE)")
 
 
 def drop_uploads(c: Coordinator, round_id: int) -> None:

@@ -3,9 +3,12 @@
     cohort    `sample_cohort`: Poisson sampling over the round's frame (both drivers); `empty_round`
     plan      `round_plan`: the privacy plan (C, z, n, mode, codec) every task of the round carries
     collect   `decode_upload`: a device's upload checked against the adapter schema and the codec
+    defend    `defend`: token weights bounded by the task's budget, updates norm-bounded (`pocketfed.server.robust`)
     decide    `decide`: wait, commit (goal reached, or the deadline with a quorum) or abort
-    aggregate `aggregate`: the server half of the privacy pipeline over what was collected
-    commit    `commit`: the strategy's step, the accountant's step, the round's metrics
+    aggregate `aggregate`: the server half of the privacy pipeline over what was collected, or a
+              robust aggregator (server.aggregator) where every update is in the clear
+    commit    `commit`: the strategy's step, the accountant's step, the round's metrics; a result
+              that is not finite raises `RoundFailed` and the driver commits nothing
     stop      `stop_reason`: the planned rounds are done, or one more would overspend the budget
 
 Two drivers run it. The simulator (`pocketfed.simulate`) samples a cohort, runs the device tasks
@@ -27,13 +30,13 @@ import torch
 from safetensors.torch import load as st_load
 
 from pocketfed import codec
-from pocketfed.config import Codec, RunConfig
+from pocketfed.config import Aggregator, Codec, RunConfig, ServerConfig, TrainConfig
 from pocketfed.model import rank as rank_ops
 from pocketfed.privacy import accountant, pipeline, secagg
 from pocketfed.privacy.budget import PrivacyRun
 from pocketfed.privacy.pipeline import PrivacyPlan
 from pocketfed.protocol.messages import TrainResult
-from pocketfed.server import hetero, sampling, strategies
+from pocketfed.server import hetero, robust, sampling, strategies
 from pocketfed.server.strategies import ServerState
 
 AdapterState = dict[str, torch.Tensor]
@@ -42,6 +45,18 @@ CODEC_DTYPES = {Codec.float32: {"float32"}, Codec.float16: {"float16"}, Codec.in
 
 class InvalidUpload(ValueError):
     """An upload that is not an update of the round's schema under its codec."""
+
+
+class RoundFailed(RuntimeError):
+    """A round whose result is not finite: the driver commits nothing and releases nothing."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An upload the round did not aggregate, and why."""
+
+    device_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -144,13 +159,19 @@ def empty_round(state: ServerState, privacy: PrivacyRun | None, plan: PrivacyPla
 
 # ---- collect -------------------------------------------------------------------------------------
 def decode_upload(payload: bytes, like: AdapterState, plan: PrivacyPlan) -> AdapterState:
-    """The update in `payload`, checked: exactly the adapter's names and shapes, finite values
-    (`codec.decode`), and only the dtypes of the round's codec."""
+    """The update in `payload`, checked: exactly the adapter's names (and, under int8 only, one
+    `<name>.__scale` per tensor) and shapes, finite values (`codec.decode`), and only the dtypes of
+    the round's codec."""
     try:
         update = codec.decode(payload, like)
-        dtypes = {str(t.dtype).removeprefix("torch.") for t in st_load(payload).values()}
+        tensors = st_load(payload)
     except codec.PayloadError as e:
         raise InvalidUpload(str(e)) from None
+    names = set(like) | ({k + codec.SCALE for k in like} if plan.codec is Codec.int8 else set())
+    if not set(tensors) <= names:
+        raise InvalidUpload(f"update holds tensors outside the adapter schema under the codec {plan.codec.value}: "
+                            f"{sorted(set(tensors) - names)[:3]}")
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     allowed = CODEC_DTYPES[plan.codec]
     if not dtypes <= allowed:
         raise InvalidUpload(f"update dtypes {sorted(dtypes)} do not match the codec {plan.codec.value} ({sorted(allowed)})")
@@ -158,10 +179,12 @@ def decode_upload(payload: bytes, like: AdapterState, plan: PrivacyPlan) -> Adap
 
 
 def collect_in_memory(results: list[TrainResult], plan: PrivacyPlan, like: AdapterState, round_id: int,
-                      ranks: dict[str, int] | None = None) -> tuple[list[Contribution], np.ndarray | None]:
-    """The simulator's collection: each device's upload decoded as the coordinator decodes it, or,
-    under secure aggregation, every party of the protocol run in this process (`secagg.simulate_round`)
-    with the sum as the only server-side output. -> (contributions in device-id order, secure sum)."""
+                      ranks: dict[str, int] | None = None
+                      ) -> tuple[list[Contribution], np.ndarray | None, list[Refusal]]:
+    """The simulator's collection: each device's upload decoded as the coordinator decodes it (one
+    that does not decode is refused, as the coordinator refuses it on upload), or, under secure
+    aggregation, every party of the protocol run in this process (`secagg.simulate_round`) with the
+    sum as the only server-side output. -> (contributions in device-id order, secure sum, refusals)."""
     results = sorted(results, key=lambda x: x.device_id)
     total, sent = None, {}
     if plan.secagg:
@@ -174,14 +197,70 @@ def collect_in_memory(results: list[TrainResult], plan: PrivacyPlan, like: Adapt
         outcome = secagg.simulate_round(vectors, clip_norm=pipeline.secure_bound(plan, dim), frac_bits=plan.frac_bits,
                                         round_id=round_id, neighbours=plan.secagg_degree or None)
         total, sent = outcome.total, outcome.device_bytes_sent
-    contributions = []
+    contributions, refused = [], []
     for i, x in enumerate(results):
         assert x.upload is not None, "the device task runs the privacy pipeline"
-        update = None if plan.secagg else decode_upload(x.upload.payload or b"", like, plan)
+        update = None
+        if not plan.secagg:
+            try:
+                update = decode_upload(x.upload.payload or b"", like, plan)
+            except InvalidUpload as e:
+                refused.append(Refusal(x.device_id, str(e)))
+                continue
+            if x.num_tokens < 1:  # as the coordinator's commit refuses it
+                refused.append(Refusal(x.device_id, f"num_tokens is {x.num_tokens}: an update must report at least 1"))
+                continue
         contributions.append(Contribution(
             x.device_id, update, x.num_tokens, sent[i] if plan.secagg else len(x.upload.payload or b""),
             x.upload.clip_bit, x.metrics.get("train_loss"), (ranks or {}).get(x.device_id, 0)))
-    return contributions, total
+    return contributions, total, refused
+
+
+# ---- defend --------------------------------------------------------------------------------------
+def token_budget(train: TrainConfig, seq_len: int) -> int | None:
+    """The most tokens a task lets a device train on: steps x batch_size x seq_len (every step's
+    rows full); None when the task runs epochs, whose length only the device's data fixes."""
+    return train.steps * train.batch_size * seq_len if train.steps > 0 else None
+
+
+@dataclass(frozen=True)
+class Defended:
+    """The round's contributions after `defend`, and what it did: how many updates it clipped, how
+    many token claims it cut, and the norm bound M (None when nothing bounded the norms)."""
+
+    contributions: list[Contribution]
+    clipped: int
+    tokens_bounded: int
+    norm_bound: float | None
+
+
+def defend(contributions: list[Contribution], server: ServerConfig, plan: PrivacyPlan,
+           budgets: dict[str, int | None]) -> Defended:
+    """Bound what one device can do to the round, whatever it sent.
+
+    Tokens: a device's weight is at most the budget its task assigned (`token_budget`); under
+    epochs (budget None), at most the round's (lower) median claim. Norms (updates in the clear only):
+    each update clipped to M = min(server.max_update_norm, server.median_norm_bound x the lower median
+    norm) (`robust.norm_bound`; Sun et al. 2019). Under DP the server clips to C anyway and a bound
+    read from other devices' updates would change the sensitivity, so only the fixed bound applies."""
+    claims = sorted(c.num_tokens for c in contributions)
+    median_claim = claims[(len(claims) - 1) // 2] if claims else 0  # the lower one: two devices, one inflating
+    out, cut = [], 0
+    for c in contributions:
+        cap = budgets.get(c.device_id)
+        cap = median_claim if cap is None else cap
+        if c.num_tokens > cap:
+            c, cut = replace(c, num_tokens=cap), cut + 1
+        out.append(c)
+    if plan.secagg or not out:
+        return Defended(out, 0, cut, None)
+    norms = [robust.l2_norm(c.update) for c in out]  # type: ignore[arg-type]
+    bound = robust.norm_bound(norms, server.max_update_norm, 0.0 if plan.private else server.median_norm_bound)
+    if math.isinf(bound):
+        return Defended(out, 0, cut, None)
+    clipped = sum(n > bound for n in norms)
+    out = [replace(c, update=robust.clip(c.update, n, bound)) for c, n in zip(out, norms)]  # type: ignore[arg-type]
+    return Defended(out, clipped, cut, bound)
 
 
 # ---- decide --------------------------------------------------------------------------------------
@@ -204,10 +283,13 @@ def decide(received: int, goal: int, quorum: int, deadline: float, now: float) -
 
 # ---- aggregate -----------------------------------------------------------------------------------
 def aggregate(contributions: list[Contribution], plan: PrivacyPlan, like: AdapterState,
-              secure_total: np.ndarray | None = None) -> AdapterState:
+              secure_total: np.ndarray | None = None, rule: Aggregator = Aggregator.mean,
+              server: ServerConfig | None = None) -> AdapterState:
     """The round's mean update Delta: the server half of the privacy pipeline over the decoded
     uploads (or over the secure sum), zero-padded ranks renormalized per slot when nothing private
-    forbids it (`pocketfed.server.hetero`)."""
+    forbids it (`pocketfed.server.hetero`); or, with `rule` other than mean (updates in the clear,
+    no DP: the config refuses the rest), the robust aggregate of `pocketfed.server.robust` with
+    `server`'s trim fraction and f."""
     n = len(contributions)
     if n == 0:
         raise ValueError("cannot aggregate a round without contributions")
@@ -216,6 +298,11 @@ def aggregate(contributions: list[Contribution], plan: PrivacyPlan, like: Adapte
     updates = [c.update for c in contributions]
     if any(u is None for u in updates):
         raise ValueError("a contribution without its decoded update needs the secure sum")
+    if rule is not Aggregator.mean:
+        if plan.private:
+            raise ValueError(f"server.aggregator={rule.value} cannot run under DP or secure aggregation")
+        server = server or ServerConfig()
+        return robust.aggregate(updates, rule, server.trim_fraction, server.krum_byzantine)[0]  # type: ignore[arg-type]
     if plan.private:
         return pipeline.finish(pipeline.server_sum(updates, plan), plan, n, like)  # type: ignore[arg-type]
     weights = [float(c.num_tokens) for c in contributions]
@@ -239,8 +326,14 @@ def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[C
     contributions only (z sqrt(m / n) for m of the plan's n). Adaptive clipping moves C by the
     noised estimate b~ (`pipeline.clip_estimate`) from the released bits or, under secure
     aggregation, the last coordinate of `secure_total`. Only b~ is reported, never the count.
-    Under DP `plan` is the round's plan (the one its tasks carried)."""
+    Under DP `plan` is the round's plan (the one its tasks carried). Raises RoundFailed when the
+    mean or the new server state holds NaN or Inf: such a round must not commit (audit finding 1:
+    a released Inf adapter stopped every honest device)."""
     new_state, diag = strategies.apply_mean(state, mean, cfg.server)
+    bad = not_finite({"mean": mean, "adapter": new_state.params, "first moment": new_state.m or {},
+                      "second moment": new_state.v or {}})
+    if bad:
+        raise RoundFailed(f"the round's {bad} is not finite: nothing is committed and the adapter stays")
     tokens = sum(c.num_tokens for c in contributions)
     losses = [c.train_loss for c in contributions]
     metrics: dict[str, Any] = {
@@ -263,6 +356,21 @@ def commit(state: ServerState, privacy: PrivacyRun | None, contributions: list[C
                                       dim=sum(t.numel() for t in mean.values()))
         metrics.update(privacy.epsilons())  # an unbounded epsilon is None
     return Outcome(new_state, privacy, metrics)
+
+
+def not_finite(parts: dict[str, AdapterState]) -> str | None:
+    """The first part (by name) holding NaN or Inf, e.g. "adapter (tensor 'x')", else None."""
+    for name, tensors in parts.items():
+        for k, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                return f"{name} (tensor {k!r})"
+    return None
+
+
+def failed(state: ServerState, reason: str) -> Outcome:
+    """A simulated round that failed (`RoundFailed`): the adapter stays and the round counts as
+    run, as one nobody finished; nothing is released, so the accountant does not step."""
+    return Outcome(replace(state, round=state.round + 1), None, {"skipped": True, "failed": reason})
 
 
 def skip(state: ServerState) -> Outcome:

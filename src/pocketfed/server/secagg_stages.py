@@ -87,10 +87,11 @@ def secure_sum(c: Coordinator, r: Round) -> np.ndarray:
     return secagg.aggregate(config, adverts(c, s), graph, masked_inputs(c, s), request, responses)
 
 
-def _start_sharing(c: Coordinator, r: Round, now: float) -> str | None:
+def _start_sharing(c: Coordinator, r: Round, now: float, shape: tuple[int, float] | None = None) -> str | None:
     """End of step 0: fix the cohort U1 (advertisers, indexed by identity key), k, the degree 2h
     (`secagg.graph_degree`: the configured degree is a minimum), t (`secagg.threshold_floor`) and
-    the graph seed (the hash of the signed adverts). -> None, or why the round cannot go on."""
+    the graph seed (the hash of the signed adverts). `shape`: the secure vector's (length, L2 bound)
+    when it is not the round's update (a federated evaluation's report). -> None, or why not."""
     p = c.cfg.privacy
     signed = {name: advert_of(c, r.round_id, name, body)
               for name, body in c.store.secagg_messages(r.round_id, sw.KEYS).items()}
@@ -99,10 +100,11 @@ def _start_sharing(c: Coordinator, r: Round, now: float) -> str | None:
         cohort = secagg.order_cohort(r.round_id, signed.values())  # each signature was verified on arrival
     except secagg.SecAggError as e:
         return str(e)
-    n, dim = len(cohort), pipeline.secure_length(c.plan, c.dimension)  # + 1: the centred clip bit, if any
+    n = len(cohort)
+    dim, bound = shape or (pipeline.secure_length(c.plan, c.dimension),  # + 1: the centred clip bit, if any
+                           pipeline.secure_bound(c.plan, c.dimension))
     degree = secagg.graph_degree(n, p.secagg_degree)
-    config = secagg.SecAggConfig(r.round_id, n, dim, secagg.threshold_floor(n, degree),
-                                 pipeline.secure_bound(c.plan, c.dimension), p.frac_bits, degree)
+    config = secagg.SecAggConfig(r.round_id, n, dim, secagg.threshold_floor(n, degree), bound, p.frac_bits, degree)
     try:
         secagg.key_directories(config, cohort)
     except secagg.SecAggError as e:
@@ -113,9 +115,10 @@ def _start_sharing(c: Coordinator, r: Round, now: float) -> str | None:
     return None
 
 
-def advance(c: Coordinator, r: Round, now: float) -> Decision:
+def advance(c: Coordinator, r: Round, now: float, shape: tuple[int, float] | None = None) -> Decision:
     """Advance a secure-aggregation round by one stage when every device of the stage answered or
-    its deadline passed. A stage short of t devices fails the round; the last commits it."""
+    its deadline passed. A stage short of t devices fails the round; the last commits it.
+    `shape`: as `_start_sharing`'s (a federated evaluation's)."""
     s = c.store.secagg_round(r.round_id)
     assert s is not None
     if s.stage == "advertise":
@@ -124,7 +127,7 @@ def advance(c: Coordinator, r: Round, now: float) -> Decision:
             return Decision("wait")
         if n < max(r.quorum, 2):
             return Decision("abort", f"deadline with {n} devices advertising keys, below quorum {max(r.quorum, 2)}")
-        problem = _start_sharing(c, r, now)
+        problem = _start_sharing(c, r, now, shape)
         if problem:
             return Decision("fail", problem)
         return Decision("wait")

@@ -10,6 +10,7 @@ A refusal raises `Refused(code, sentence)`; the HTTP layer maps the code to a st
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,12 +28,14 @@ from pocketfed.privacy import pipeline, secagg
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
 from pocketfed.privacy.pipeline import PrivacyPlan
 from pocketfed.protocol import secagg_wire as sw
-from pocketfed.release import signing
-from pocketfed.server import checkpoint, strategies
+from pocketfed import signing
+from pocketfed.server import checkpoint, config_change, strategies
+from pocketfed.server.operations import Controls, Traffic, check_signable
 from pocketfed.server import round as engine
 from pocketfed.server.store import Store, Version
 
 AdapterState = dict[str, torch.Tensor]
+log = logging.getLogger("pocketfed.server")  # `pocketfed server` prints it on its console
 
 # Refusal codes (the HTTP layer maps them to statuses).
 UNKNOWN_ROUND, ROUND_CLOSED, NOT_ASSIGNED, DUPLICATE = "unknown_round", "round_closed", "not_assigned", "duplicate_upload"
@@ -67,6 +70,9 @@ class Coordinator:
     # (round_id, stage) -> the secagg routing every device of that stage reads (key directories or
     # share bundles): its inputs are frozen once the stage opens, so it is built once, not per poll
     secagg_routing: dict[tuple[int, str], Any] = field(default_factory=dict)
+    controls: Controls = field(default_factory=Controls)  # the operator's (`server.operations`), the store's copy
+    traffic: Traffic = field(default_factory=Traffic)  # device bytes counted since the last tick
+    round_goal: int = 0  # the goal the round in force opened with (0: deploy.goal); its privacy plan's
 
     @property
     def dimension(self) -> int:
@@ -80,7 +86,7 @@ class Coordinator:
     @property
     def plan(self) -> PrivacyPlan:
         """The open round's privacy plan (C and z move only at commits); the goal is the expected cohort."""
-        return engine.round_plan(self.cfg, self.privacy, self.cfg.deploy.goal)
+        return engine.round_plan(self.cfg, self.privacy, self.round_goal or self.cfg.deploy.goal)
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Eligibility:
     idle: bool
     unmetered: bool
     free_memory_mb: int
+    profile: str = ""  # the device's memory profile name (watch, phone, car...), for the console
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Assignment:
     seed: int
     deadline: float
     version: Version
+    evaluate: bool = False  # an evaluation task (`pocketfed.server.evaluations`), not a training one
 
 
 @dataclass(frozen=True)
@@ -117,15 +125,42 @@ def _with_defaults(config_json: str) -> dict[str, Any] | None:
         return None
 
 
+SERVING_KEYS = ("read_timeout_s", "request_timeout_s", "keep_alive_s", "max_connections")
+
+
+def _run_identity(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config without the deploy keys that only say how connections are served (timeouts, the
+    connection cap): a restart may change them without making the state another run's."""
+    if d is None:
+        return None
+    return {**d, "deploy": {k: v for k, v in d.get("deploy", {}).items() if k not in SERVING_KEYS}}
+
+
+def _clean_uploads(store: Store) -> None:
+    """The last process's leftovers (closed rounds' upload folders, unverified request bodies); the
+    open round's and open evaluation's partial uploads stay, to resume."""
+    from pocketfed.server.evaluations import secagg_id  # it imports this module
+
+    r, e = store.open_round(), store.open_evaluation()
+    store.clean_uploads([x for x in (r and r.round_id, e and secagg_id(e.eval_id)) if x is not None])
+
+
 def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
                      init_params: Callable[[], AdapterState], now: float | None = None) -> Coordinator:
     """Open (or create) the state in `folder`. `init_params` is called only for a new state."""
     now = time.time() if now is None else now
     store = Store(folder)
+    _clean_uploads(store)
     config_json = json.dumps(to_dict(cfg), sort_keys=True)
     stored = store.get_meta("config")
-    if stored is not None and stored != config_json and _with_defaults(stored) != to_dict(cfg):
-        raise UserError(f"the state in {folder} was started with another config; use the same config or a new --db folder")
+    changed: list[tuple[str, Any, Any]] = []
+    if stored is not None and stored != config_json:
+        before = _with_defaults(stored)
+        if before is None:
+            raise UserError(f"the config stored in {folder} no longer parses with this pocketfed; start a new run in "
+                            "another --db folder")
+        # safe keys (goal, quorum, deadlines...) may change on a restart; a fixed one raises, naming it
+        changed = config_change.check_restart(_run_identity(before) or {}, _run_identity(to_dict(cfg)) or {}, Path(folder))
     key = signing.load_or_create_key(Path(folder))
     if store.latest_version() is None:
         state = strategies.init(init_params(), cfg.server)
@@ -149,9 +184,15 @@ def open_coordinator(folder: Path, cfg: RunConfig, model_id: str,
         expected = max(expected, 8 * sum(v.numel() for v in like.values()) + 1024)
         _check_secagg_config(cfg, sum(v.numel() for v in like.values()))
     limit = min(int(cfg.deploy.max_upload_mb * 2**20), expected + 64 * 1024)
+    if stored is not None and stored != config_json:
+        store.set_meta("config", config_json)  # the next restart compares with the config in force
+        if changed:
+            log.warning("config changed since the state in %s was last opened: %s", folder, config_change.describe(changed))
     raw = store.get_meta("privacy")
     privacy = PrivacyRun.from_json(json.loads(raw)) if raw else None
-    return Coordinator(store, cfg, key, model_id, like, limit, privacy=privacy)
+    open_r = store.open_round()  # a round open across a restart keeps the plan it handed out
+    return Coordinator(store, cfg, key, model_id, like, limit, privacy=privacy, controls=Controls.load(store),
+                       round_goal=open_r.goal if open_r is not None else 0)
 
 
 # ---- privacy set-up and bookkeeping ---------------------------------------------------------------
@@ -185,11 +226,16 @@ def _check_secagg_config(cfg: RunConfig, dim: int) -> None:
 
 # ---- releases -------------------------------------------------------------------------------------
 def manifest_for(c: Coordinator, v: Version, now: float) -> tuple[dict[str, Any], str]:
-    """The version's manifest, freshly signed with a new expiry (freeze protection)."""
+    """The version's manifest, freshly signed with a new expiry (freeze protection). Under DP it
+    carries the recipients' epsilon spent so far (an upper bound for an older version: epsilon only
+    grows), signed, so a device's privacy lock reads it from nowhere else."""
+    check_signable(c, v.version)  # nothing newer than a frozen release is signed
+    eps = c.privacy.epsilons() if c.privacy is not None else {}
     m = signing.Manifest(
         version=v.version, parent_version=v.parent, sha256=v.adapter_sha, round=v.rounds_applied,
         strategy=c.cfg.server.strategy.value, base_model=c.model_id,
         issued_at=now, expires_at=now + c.cfg.deploy.manifest_ttl_s,
+        epsilon=eps.get("epsilon_recipients"), delta=eps.get("delta") if eps.get("epsilon_recipients") is not None else None,
     )
     return m.to_json(), signing.sign(c.release_key, m)
 

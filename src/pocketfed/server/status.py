@@ -37,6 +37,7 @@ def status(c: Coordinator, now: float) -> dict[str, Any]:
                 "quorum": r.quorum, "deadline_in_s": max(0.0, r.deadline - now),
                 "stage": (s.stage if (s := c.store.secagg_round(r.round_id)) else ""),
             },
+            "evaluations": c.store.evaluations(limit=50),
             "rounds": [
                 {"round_id": x.round_id, "idx": x.idx, "status": x.status, "reason": x.reason or "",
                  "devices": len(x.participants or []), "metrics": {k: v for k, v in (x.metrics or {}).items()
@@ -54,5 +55,7 @@ def _privacy_status(c: Coordinator) -> dict[str, Any] | None:
     # knows who took part (None: unbounded); the adaptive clip's count is never shown, only the
     # rounds' noised unclipped_fraction
     p = c.cfg.privacy
-    return {**run.summary(), "dp": p.dp.value, "secagg": p.secagg, "target_epsilon": p.target_epsilon,
+    evaluation = ({"evaluation": "totals of loss and top-k released outside the accountant (docs/PRIVACY.md)"}
+                  if c.cfg.deploy.eval_every else {})
+    return {**evaluation, **run.summary(), "dp": p.dp.value, "secagg": p.secagg, "target_epsilon": p.target_epsilon,
             "coordinator_sees": coordinator_view(p.dp, p.secagg)}

@@ -3,9 +3,16 @@
     <folder>/state.sqlite     devices, nonces, rounds (with each round's sample rate q), cohorts (the
                               devices each round's Poisson draw sampled), assignments, updates,
                               versions (WAL, NORMAL sync),
-                              secure-aggregation stages and messages; meta holds config and DP ledger
+                              secure-aggregation stages and messages; federated evaluations (their
+                              draws, cohorts, reports in the clear and totals: `evaluations()`);
+                              meta holds config and DP ledger
     <folder>/blobs/ab/abcd..  adapters, server states and device updates, named by their sha256
     <folder>/uploads/<round>/<device>.part   uploads in progress (resumable)
+    <folder>/uploads/incoming/<random>.chunk  one upload request's body while its signature is unchecked
+
+Everything is the server process's alone: the folders are 0700 and the files 0600 (the database
+and its -wal/-shm, blobs, uploads), so another local user reads no device's update or the
+registry; an older state folder is tightened when it is opened.
 
 Crash safety: a blob is written to a temp file, fsynced and renamed to its hash before any row
 names it, and every multi-row change runs in one transaction (`with store.transaction():`), so a
@@ -29,14 +36,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import secrets
+import shutil
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from pocketfed.files import write_atomic
 
 DB_FILE = "state.sqlite"
+INCOMING = "incoming"  # uploads/incoming/: request bodies whose signature is not checked yet
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -75,6 +86,25 @@ CREATE TABLE IF NOT EXISTS enrollments (
 CREATE TABLE IF NOT EXISTS secagg_messages (
     round_id INTEGER NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, body BLOB NOT NULL,
     PRIMARY KEY (round_id, device_id, kind));
+CREATE TABLE IF NOT EXISTS evaluations (
+    eval_id INTEGER PRIMARY KEY, version INTEGER NOT NULL, rounds_applied INTEGER NOT NULL, status TEXT NOT NULL,
+    opened_at REAL NOT NULL, deadline REAL NOT NULL, sample_rate REAL NOT NULL, sample_key TEXT NOT NULL,
+    target INTEGER NOT NULL, secure INTEGER NOT NULL, closed_at REAL, reason TEXT, devices INTEGER, totals TEXT);
+CREATE TABLE IF NOT EXISTS eval_cohorts (
+    eval_id INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (eval_id, device_id));
+CREATE TABLE IF NOT EXISTS eval_reports (
+    eval_id INTEGER NOT NULL, device_id TEXT NOT NULL, sums TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (eval_id, device_id));
+CREATE TABLE IF NOT EXISTS operator_actions (
+    action_id INTEGER PRIMARY KEY, at REAL NOT NULL, action TEXT NOT NULL, value TEXT NOT NULL,
+    credential TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revocations (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS device_checkins (
+    device_id TEXT PRIMARY KEY, at REAL NOT NULL, eligible INTEGER NOT NULL, profile TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS round_stages (
+    round_id INTEGER NOT NULL, stage TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (round_id, stage));
+CREATE TABLE IF NOT EXISTS round_traffic (
+    round_id INTEGER PRIMARY KEY, bytes_up INTEGER NOT NULL, bytes_down INTEGER NOT NULL);
 """
 
 
@@ -124,6 +154,28 @@ class SecAggRound:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """One federated evaluation of a released version (`pocketfed.server.evaluations`): its Poisson
+    draw (q, key, the sampled count `target`), and once closed the totals of the reports
+    (`pocketfed.protocol.fedeval.Sums` fields) over `devices` devices."""
+
+    eval_id: int
+    version: int  # the version evaluated
+    rounds_applied: int  # that version's training rounds
+    status: str  # open | done | empty (too few sampled) | failed (too few reports, or the secure sum failed)
+    opened_at: float
+    deadline: float
+    sample_rate: float
+    sample_key: str  # hex; the draw's own key (fresh from `secrets`, not a training round's)
+    target: int  # devices the draw sampled when it opened
+    secure: bool  # reports went through the secure sum (the server saw only the totals)
+    closed_at: float | None = None
+    reason: str | None = None
+    devices: int | None = None  # devices whose reports are in the totals
+    totals: dict[str, float] | None = None  # loss_sum, tokens, top1_hits, top3_hits
+
+
+@dataclass(frozen=True)
 class Update:
     round_id: int
     device_id: str
@@ -132,6 +184,18 @@ class Update:
     num_tokens: int
     metrics: dict[str, float]
     received_at: float
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) a folder only this user can enter (0700)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # mkdir's mode is masked by the umask, and an existing folder keeps its own
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with 0600 if missing; make an existing one 0600."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -146,12 +210,17 @@ class Store:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "blobs").mkdir(exist_ok=True)
-        (self.folder / "uploads").mkdir(exist_ok=True)
+        for sub in (self.folder, self.folder / "blobs", self.folder / "uploads"):
+            private_dir(sub)
+        # the database is made 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        # database file's permissions (an older, 0644 one is tightened here, its -wal/-shm below)
+        private_file(self.folder / DB_FILE)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.folder / DB_FILE, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("-wal", "-shm"):
+            if (side := self.folder / (DB_FILE + suffix)).exists():
+                side.chmod(0o600)
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process kill; see the module docstring
         self._db.execute("PRAGMA busy_timeout=5000")
         self._depth = 0
@@ -233,7 +302,8 @@ class Store:
         path = self.blob_path(sha)
         if path.is_file():
             return sha
-        write_atomic(path, data)
+        private_dir(path.parent)
+        write_atomic(path, data, mode=0o600)
         return sha
 
     def get_blob(self, sha: str) -> bytes:
@@ -252,9 +322,44 @@ class Store:
     def upload_path(self, round_id: int, device_id: str) -> Path:
         return self.folder / "uploads" / str(int(round_id)) / f"{device_id}.part"
 
+    def incoming_path(self) -> Path:
+        """A fresh private file for one upload request's body, read before its signature is checked
+        (the HTTP layer removes it once the request is answered)."""
+        folder = self.folder / "uploads" / INCOMING
+        private_dir(folder)
+        path = folder / f"{secrets.token_hex(16)}.chunk"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
+    def clean_uploads(self, keep: Iterable[int]) -> list[Path]:
+        """Remove what no upload can resume from (at the coordinator's start): the folders of ids
+        not in `keep` (the open round's and evaluation's: others closed before a crash let
+        `lifecycle.drop_uploads` run), stray files, and request bodies that were being received.
+        The .part files of the ids in `keep` stay, to resume. -> what was removed."""
+        root = self.folder / "uploads"
+        kept = {str(int(i)) for i in keep}
+        removed = []
+        for entry in sorted(root.iterdir()):
+            if entry.name in kept and entry.is_dir():
+                removed += [p for p in entry.iterdir() if not (p.is_file() and p.suffix == ".part")]
+            else:
+                removed.append(entry)
+        for p in removed:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return removed
+
     # ---- devices and nonces ---------------------------------------------------------------------
     def add_device(self, device_id: str, public_key: str, now: float) -> None:
         self._exec("INSERT INTO devices VALUES (?, ?, ?, ?)", (device_id, public_key, now, now))
+        self._remember_device(device_id, public_key)  # a rollback forgets it again (`_forget_cached`)
+
+    def cached_device(self, public_key: str) -> str | None:
+        """The device registered with this key if it is cached (never touches SQLite: callable on
+        the event loop; None also when it is not cached yet)."""
+        return self._device_of.get(public_key)
 
     def device_by_key(self, public_key: str) -> str | None:
         """The device registered with this key (a registration never changes, so a hit is cached)."""
@@ -455,3 +560,157 @@ class Store:
     def has_secagg_message(self, round_id: int, device_id: str, kind: str) -> bool:
         return bool(self._rows("SELECT 1 FROM secagg_messages WHERE round_id = ? AND device_id = ? AND kind = ?",
                                (round_id, device_id, kind)))
+
+    # ---- the operator's console: actions, controls, revocations, check-ins, stages, traffic -----
+    # (`pocketfed.server.operations` holds what they mean; these are the rows)
+    def add_action(self, at: float, action: str, value: str, credential: str) -> None:
+        """Record an operator action; `credential` is the token's fingerprint, never the token."""
+        self._exec("INSERT INTO operator_actions (at, action, value, credential) VALUES (?, ?, ?, ?)",
+                   (at, action, value, credential))
+
+    def actions(self, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT at, action, value, credential FROM operator_actions ORDER BY action_id DESC LIMIT ?",
+                          (limit,))
+        return [{"at": a, "action": b, "value": v, "credential": f} for a, b, v, f in rows]
+
+    def release_version_of(self, sha: str) -> int | None:
+        """The first version that released the adapter with this hash (None: not a release)."""
+        rows = self._rows("SELECT MIN(version) FROM versions WHERE adapter_sha = ?", (sha,))
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def revoke(self, device_id: str, at: float) -> bool:
+        """Revoke a device for good; False if it already was."""
+        return self._exec("INSERT OR IGNORE INTO revocations VALUES (?, ?)", (device_id, at)) == 1
+
+    def revoked(self) -> dict[str, float]:
+        """Revoked device -> when (read on every signed request: the caller caches it)."""
+        return {d: float(t) for d, t in self._rows("SELECT device_id, at FROM revocations")}
+
+    def note_checkin(self, device_id: str, at: float, eligible: bool, profile: str) -> None:
+        self._exec("INSERT INTO device_checkins VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                   "at = excluded.at, eligible = excluded.eligible, profile = excluded.profile",
+                   (device_id, at, int(eligible), profile))
+
+    def device_table(self) -> list[dict[str, Any]]:
+        """Every device: registration, last seen, its last check-in's eligibility and profile, revocation."""
+        rows = self._rows(
+            "SELECT d.device_id, d.registered_at, d.last_seen, c.at, c.eligible, c.profile, r.at FROM devices d "
+            "LEFT JOIN device_checkins c ON c.device_id = d.device_id "
+            "LEFT JOIN revocations r ON r.device_id = d.device_id ORDER BY d.device_id")
+        return [{"device_id": d, "registered_at": reg, "last_seen": seen, "checked_in_at": at,
+                 "eligible": None if ok is None else bool(ok), "profile": prof or "", "revoked_at": rev}
+                for d, reg, seen, at, ok, prof, rev in rows]
+
+    def mark_stage(self, round_id: int, stage: str, at: float) -> None:
+        """When a round entered a stage (the first time: a stage is entered once)."""
+        self._exec("INSERT OR IGNORE INTO round_stages VALUES (?, ?, ?)", (round_id, stage, at))
+
+    def stage_times(self, round_ids: list[int]) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {r: {} for r in round_ids}
+        if round_ids:
+            marks = ",".join("?" * len(round_ids))
+            for r, stage, at in self._rows(f"SELECT round_id, stage, at FROM round_stages WHERE round_id IN ({marks})",
+                                           tuple(round_ids)):
+                out[int(r)][stage] = float(at)
+        return out
+
+    def add_traffic(self, round_id: int, bytes_up: int, bytes_down: int) -> None:
+        self._exec("INSERT INTO round_traffic VALUES (?, ?, ?) ON CONFLICT(round_id) DO UPDATE SET "
+                   "bytes_up = bytes_up + excluded.bytes_up, bytes_down = bytes_down + excluded.bytes_down",
+                   (round_id, bytes_up, bytes_down))
+
+    def round_activity(self) -> dict[int, dict[str, Any]]:
+        """Per round: bytes up and down counted by the HTTP layer, assignments, updates (count, bytes,
+        first and last arrival), the refusals a task drew, and its stage times' source rows."""
+        out: dict[int, dict[str, Any]] = {}
+        for r, up, down in self._rows("SELECT round_id, bytes_up, bytes_down FROM round_traffic"):
+            out.setdefault(int(r), {}).update(bytes_up=int(up), bytes_down=int(down))
+        for r, n, first in self._rows("SELECT round_id, COUNT(*), MIN(assigned_at) FROM assignments GROUP BY round_id"):
+            out.setdefault(int(r), {}).update(assigned=int(n), first_assigned=first)
+        for r, n, size, first, last in self._rows(
+                "SELECT round_id, COUNT(*), SUM(size), MIN(received_at), MAX(received_at) FROM updates GROUP BY round_id"):
+            out.setdefault(int(r), {}).update(updates=int(n), update_bytes=int(size or 0), first_update=first,
+                                              last_update=last)
+        for r, n in self._rows("SELECT round_id, COUNT(*) FROM cohorts GROUP BY round_id"):
+            out.setdefault(int(r), {}).update(sampled=int(n))
+        return out
+
+    # ---- federated evaluation -------------------------------------------------------------------
+    @staticmethod
+    def _evaluation(row: tuple[Any, ...]) -> Evaluation:
+        r = list(row)
+        r[9] = bool(r[9])
+        r[13] = json.loads(r[13]) if r[13] is not None else None
+        return Evaluation(*r)
+
+    def add_evaluation(self, version: int, rounds_applied: int, opened_at: float, deadline: float,
+                       sample_rate: float, sample_key: str, cohort: list[str], secure: bool) -> int:
+        """Open an evaluation of `version` with its Poisson-sampled cohort (inside a transaction)."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO evaluations (version, rounds_applied, status, opened_at, deadline, sample_rate, sample_key, "
+                "target, secure) VALUES (?, ?, 'open', ?, ?, ?, ?, ?, ?)",
+                (version, rounds_applied, opened_at, deadline, sample_rate, sample_key, len(cohort), int(secure)))
+            eval_id = int(cur.lastrowid or 0)
+            self._db.executemany("INSERT INTO eval_cohorts VALUES (?, ?)", [(eval_id, d) for d in cohort])
+            return eval_id
+
+    def evaluation(self, eval_id: int) -> Evaluation | None:
+        rows = self._rows("SELECT * FROM evaluations WHERE eval_id = ?", (eval_id,))
+        return self._evaluation(rows[0]) if rows else None
+
+    def evaluation_of(self, version: int) -> Evaluation | None:
+        """The evaluation of `version`, if one was opened."""
+        rows = self._rows("SELECT * FROM evaluations WHERE version = ? ORDER BY eval_id DESC LIMIT 1", (version,))
+        return self._evaluation(rows[0]) if rows else None
+
+    def open_evaluation(self) -> Evaluation | None:
+        rows = self._rows("SELECT * FROM evaluations WHERE status = 'open' ORDER BY eval_id DESC LIMIT 1")
+        return self._evaluation(rows[0]) if rows else None
+
+    def close_evaluation(self, eval_id: int, status: str, now: float, reason: str, devices: int = 0,
+                         totals: dict[str, float] | None = None) -> None:
+        n = self._exec("UPDATE evaluations SET status = ?, closed_at = ?, reason = ?, devices = ?, totals = ? "
+                       "WHERE eval_id = ? AND status = 'open'",
+                       (status, now, reason, devices, json.dumps(totals) if totals is not None else None, eval_id))
+        if n != 1:
+            raise RuntimeError(f"evaluation {eval_id} is not open")
+
+    def in_eval_cohort(self, eval_id: int, device_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM eval_cohorts WHERE eval_id = ? AND device_id = ?", (eval_id, device_id)))
+
+    def eval_cohort(self, eval_id: int) -> list[str]:
+        return [r[0] for r in self._rows("SELECT device_id FROM eval_cohorts WHERE eval_id = ? ORDER BY device_id", (eval_id,))]
+
+    def add_to_eval_cohort(self, eval_id: int, device_id: str) -> None:
+        self._exec("INSERT OR IGNORE INTO eval_cohorts VALUES (?, ?)", (eval_id, device_id))
+
+    def add_eval_report(self, eval_id: int, device_id: str, sums: dict[str, float], now: float) -> None:
+        self._exec("INSERT INTO eval_reports VALUES (?, ?, ?, ?)", (eval_id, device_id, json.dumps(sums), now))
+
+    def has_eval_report(self, eval_id: int, device_id: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM eval_reports WHERE eval_id = ? AND device_id = ?", (eval_id, device_id)))
+
+    def eval_reports(self, eval_id: int) -> dict[str, dict[str, float]]:
+        """Device -> its report, in the clear (only evaluations without secure aggregation have any)."""
+        rows = self._rows("SELECT device_id, sums FROM eval_reports WHERE eval_id = ? ORDER BY device_id", (eval_id,))
+        return {d: json.loads(s) for d, s in rows}
+
+    def evaluations(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The latest `limit` evaluations, oldest first, as dicts for the console and /v1/status:
+        eval_id, version, rounds_applied, status, opened_at, closed_at, sampled (the draw's size),
+        sample_rate, devices (reports in the totals), secure, reason, and the figures
+        (`pocketfed.protocol.fedeval.metrics`): loss (token-weighted mean, nats), perplexity, top1,
+        top3, tokens; None while open or when nothing was reported."""
+        from pocketfed.protocol import fedeval
+
+        rows = self._rows("SELECT * FROM evaluations ORDER BY eval_id DESC LIMIT ?", (limit,))
+        out = []
+        for e in map(self._evaluation, reversed(rows)):
+            figures = fedeval.metrics(fedeval.Sums(**e.totals)) if e.totals else dict.fromkeys(
+                ("loss", "perplexity", "top1", "top3", "tokens"))
+            out.append({"eval_id": e.eval_id, "version": e.version, "rounds_applied": e.rounds_applied,
+                        "status": e.status, "opened_at": e.opened_at, "closed_at": e.closed_at, "sampled": e.target,
+                        "sample_rate": e.sample_rate, "devices": e.devices or 0, "secure": e.secure,
+                        "reason": e.reason or "", **figures})
+        return out

@@ -23,7 +23,8 @@ def app(tmp_path):
 def test_signed_routes_document_the_signature_headers(app):
     paths = TestClient(app).get("/openapi.json").json()["paths"]
     signed = {"/v1/register", "/v1/checkin", "/v1/adapters/{sha256}", "/v1/rounds/{round_id}/upload",
-              "/v1/rounds/{round_id}/commit", "/v1/rounds/{round_id}/secagg", "/v1/rounds/{round_id}/secagg/{kind}"}
+              "/v1/rounds/{round_id}/commit", "/v1/rounds/{round_id}/secagg", "/v1/rounds/{round_id}/secagg/{kind}",
+              "/v1/evaluations/{round_id}/report"}
     for path, ops in paths.items():
         for method, op in ops.items():
             params = {p["name"]: p for p in op.get("parameters", [])}
@@ -57,9 +58,10 @@ def test_one_thread_pool_trip_per_signed_request(app, monkeypatch):
     assert len(trips) == 5
 
 
-def test_body_errors_come_before_key_and_nonce_checks(app):
+def test_body_errors_come_before_the_nonce_check(app):
     """A request whose fields are invalid is refused (422) without spending its nonce; the same
-    nonce on a valid request then counts, once."""
+    nonce on a valid request then counts, once. (The key is checked before the body is read: the
+    Gate, `test_hardening.py`.)"""
     d = device(app, "a")
     bad = json.dumps({"eligibility": {**OK.model_dump(), "free_memory_mb": -1}}).encode()
     headers = {"content-type": "application/json", **auth.sign_headers(d.key, "POST", "/v1/checkin", bad, nonce="ab" * 16)}

@@ -74,7 +74,7 @@ def assert_nothing_uploaded(c: co.Coordinator, home: Path) -> None:
     rounds = c.store.rounds()
     assert rounds and all(c.store.count_updates(r.round_id) == 0 for r in rounds)
     assert not [p for p in (c.store.folder / "uploads").rglob("*") if p.is_file()]  # not even a partial upload
-    assert not (home / agent.ADAPTER).exists()  # refused before the adapter download
+    assert not (home / "releases").exists()  # refused before the adapter download
     kinds = [e["kind"] for e in ledger_lines(home)]
     assert set(kinds) == {"registration", "checkin", "refusal"}, kinds  # no update, metrics or secagg message
     refusal = [e for e in ledger_lines(home) if e["kind"] == "refusal"]
@@ -125,7 +125,7 @@ def test_attack_ledger_lists_registration_and_checkins_and_the_lock_does_not_war
     assert reg["enrollment_token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
     assert token not in (home / LEDGER_FILE).read_text()
     assert checkin["kind"] == "checkin" and set(checkin["eligibility"]) == {"charging", "idle", "unmetered",
-                                                                            "free_memory_mb"}
+                                                                            "free_memory_mb", "profile"}
     from pocketfed.runtime.privacy_lock import host_id, privacy_lock
 
     model = tmp_path / "model"

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from pocketfed import codec
+from pocketfed.config import load_config
 from pocketfed.errors import UserError
 from pocketfed.server import coordinator as co
 from pocketfed.server.store import Update
-from tests.unit.deploy.http_fixtures import SHAPES, make_coordinator, update
+from tests.unit.deploy.http_fixtures import SHAPES, init_params, make_coordinator, update
 
 ELIGIBLE = co.Eligibility(True, True, True, 4096)
 
@@ -85,5 +86,7 @@ def test_a_state_from_before_a_new_config_key_still_opens(tmp_path):
     db.commit()
     db.close()
     make_coordinator(tmp_path).store.close()  # the missing key takes its default: the same run
-    with pytest.raises(UserError, match="started with another config"):
-        make_coordinator(tmp_path, goal=3)  # a real difference still refuses
+    make_coordinator(tmp_path, goal=3).store.close()  # a safe key may change (tests/unit/deploy/test_config_change.py)
+    cfg = load_config(None, {"sim": {"rounds": 3, "seed": 0}, "lora": {"rank": 4}})
+    with pytest.raises(UserError, match="lora.rank cannot change"):
+        co.open_coordinator(tmp_path, cfg, "synthetic", init_params)  # a fixed one still refuses

@@ -14,6 +14,7 @@ from pocketfed.config import Codec
 from pocketfed.protocol import auth
 from pocketfed.device.http_client import DeviceClient
 from pocketfed.protocol.wire import CHUNK_MAX_BYTES
+from pocketfed.server import coordinator as co
 from tests.unit.deploy.http_fixtures import (OK, SHAPES, app_for, device, make_coordinator, operator_token, refused,
                                              snapshot, update)
 
@@ -83,7 +84,12 @@ def test_register_needs_the_key_and_a_free_name(server):
     device(app, "a")
     before = snapshot(folder)
     intruder = DeviceClient(TestClient(app), Ed25519PrivateKey.generate())
-    refused(lambda: intruder.register("a"), 409, "name_taken")
+    # without a token the answer is the one for a free name (no oracle for which names exist)
+    refused(lambda: intruder.register("a"), 403, "enrollment_required")
+    token = co.enroll(app.state.coordinator.store)[0]
+    refused(lambda: intruder.register("a", token), 409, "name_taken")  # an enrolled caller is told
+    assert intruder.register("a2", token) == "a2"  # and its token was not spent on the refusal
+    before = snapshot(folder)
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     body = json.dumps({"name": "b", "public_key": auth.public_hex(key)}).encode()
     r = _raw(app, other, "POST", "/v1/register", body)

@@ -130,7 +130,7 @@ def test_secure_vector_carries_the_centred_bit_and_the_mean_ignores_it() -> None
     ups = [{K: torch.tensor([[0.3, 0.4]])}, {K: torch.tensor([[3.0, 4.0]])}, {K: torch.tensor([[0.0, 0.5]])}]
     results = [TrainResult(0, f"d{i}", u, 1, upload=pipeline.device_privatize(u, plan)) for i, u in enumerate(ups)]
     assert all(r.upload.vector.shape == (3,) and r.upload.clip_bit is None for r in results)
-    contributions, total = engine.collect_in_memory(results, plan, LIKE, 0)
+    contributions, total, _ = engine.collect_in_memory(results, plan, LIKE, 0)
     update_sum, bits = pipeline.split_secure(total, plan)
     assert bits == pytest.approx(0.5 - 0.5 + 0.5, abs=3 * 2.0**-17)  # 2 unclipped, 1 clipped (norm 5 > 1)
     np.testing.assert_allclose(update_sum, [0.3 + 0.6 + 0.0, 0.4 + 0.8 + 0.5], atol=3 * 2.0**-17)

@@ -63,6 +63,8 @@ def test_bench_runtime_reports_every_metric(pf, invoke):
         (("export", "--run", "{run}", "--format", "tflite", "--out", "{tmp}/o"), "unknown export format 'tflite'"),
         (("suggest", "--model", "{tmp}", "hello "), "no manifest.json"),
         (("generate", "--model", "{tmp}/missing", "hello"), "does not exist"),
+        (("suggest", "--home", "{tmp}/missing", "hello "), "device home"),
+        (("generate", "--home", "{tmp}", "hello"), "has no on-device model yet"),
     ],
 )
 def test_bad_input_is_one_sentence(pf, invoke, tmp_path, args, message):

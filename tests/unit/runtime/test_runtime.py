@@ -25,7 +25,8 @@ def test_runtime_imports_no_training_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out)  # noqa: S307 (our own printed list)
-    shared = {"pocketfed", "pocketfed.errors", "pocketfed.memory", "pocketfed.egress"}  # dependency-free foundations
+    # dependency-free foundations (files: the atomic write a device home's `current` goes through)
+    shared = {"pocketfed", "pocketfed.errors", "pocketfed.memory", "pocketfed.egress", "pocketfed.files", "pocketfed.signing"}
     assert all(m in shared or m.startswith("pocketfed.runtime") for m in loaded), loaded
 
 

@@ -1,7 +1,10 @@
 """Signed releases of the global adapter: a manifest, signed by the server's release key (Ed25519).
 
     manifest = {schema, version, parent_version, sha256, round, strategy, base_model,
-                issued_at, expires_at}
+                issued_at, expires_at[, epsilon, delta]}
+
+epsilon and delta, present only for a run with differential privacy, are the model's recipients'
+epsilon spent so far: signed, so the device's privacy lock can show them without trusting a file.
     signature = Ed25519_sign(release_key, canonical_json(manifest))
 
 canonical_json is UTF-8 JSON with sorted keys and no spaces, so signer and verifier hash the same
@@ -32,6 +35,9 @@ KEY_FILE = "release.key"
 PUB_FILE = "release.pub"
 
 
+OPTIONAL = frozenset({"epsilon", "delta"})
+
+
 class ReleaseRejected(Exception):
     """A release manifest the device must not install; the message says why."""
 
@@ -47,15 +53,17 @@ class Manifest:
     issued_at: float
     expires_at: float
     schema: int = MANIFEST_SCHEMA
+    epsilon: float | None = None  # differential privacy of the adapter (absent from the JSON without DP)
+    delta: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in OPTIONAL}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> "Manifest":
         fields = set(Manifest.__dataclass_fields__)
-        if not isinstance(data, dict) or set(data) != fields:
-            raise ReleaseRejected(f"manifest fields must be exactly {sorted(fields)}")
+        if not isinstance(data, dict) or not fields - OPTIONAL <= set(data) <= fields:
+            raise ReleaseRejected(f"manifest fields must be {sorted(fields - OPTIONAL)} and optionally {sorted(OPTIONAL)}")
         try:
             m = Manifest(**data)
         except TypeError as e:
