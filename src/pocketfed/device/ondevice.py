@@ -238,6 +238,7 @@ def personalize_home(home: Path, model: Any, rows: Any, force: bool = False) -> 
 
     from pocketfed.config import LoraConfig, TrainConfig  # noqa: PLC0415
     from pocketfed.device import personal  # noqa: PLC0415
+    from pocketfed.model import rank  # noqa: PLC0415
 
     found = device_home.read_release(home)
     if found is None:
@@ -250,11 +251,17 @@ def personalize_home(home: Path, model: Any, rows: Any, force: bool = False) -> 
         return {"personalized": True, "release": version, "gain": record.get("gain"), "reason": "already trained"}
     global_state = load_file(folder / device_home.ADAPTER)
     shapes = {k: tuple(p.shape) for k, p in model.params.items()}
-    if "lora" not in task or "train" not in task or {k: tuple(v.shape) for k, v in global_state.items()} != shapes:
+    # A device whose plan trains at a lower rank r (HetLoRA) personalizes the release's first r slots,
+    # and is compared with them: the model it can run. Its scaling alpha_r / r equals the global
+    # alpha / R (agent: rank.alpha_for_rank), so the kept adapter, zero-padded to R, is the same model
+    # at the release's rank and alpha.
+    release_rank, own_rank = rank.rank_of(global_state), rank.rank_of(model.get_state())
+    start = rank.truncate(global_state, own_rank) if own_rank < release_rank else global_state
+    if "lora" not in task or "train" not in task or {k: tuple(v.shape) for k, v in start.items()} != shapes:
         return {"personalized": False, "release": version,
-                "reason": "this device trains another adapter shape than the release's (a lower rank)"}
+                "reason": "this device's adapter has other modules or layers than the release's"}
     try:
-        result = personal.personalize(model, global_state, rows, TrainConfig(**task["train"]), seed=version,
+        result = personal.personalize(model, start, rows, TrainConfig(**task["train"]), seed=version,
                                       max_steps=PERSONAL_MAX_STEPS, eval_every=PERSONAL_EVAL_EVERY,
                                       patience=PERSONAL_PATIENCE)
     except ValueError as e:  # too little text for a validation split
@@ -268,7 +275,9 @@ def personalize_home(home: Path, model: Any, rows: Any, force: bool = False) -> 
             shutil.rmtree(old)
         return {"personalized": False, **info, "reason": "it did not beat the global model on the validation split"}
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    personal.write_personal(home, result.state, LoraConfig(**task["lora"]), {"date": date, **info})
+    if own_rank < release_rank:
+        info["rank"] = own_rank
+    personal.write_personal(home, rank.pad(result.state, release_rank), LoraConfig(**task["lora"]), {"date": date, **info})
     return {"personalized": True, **info}
 
 

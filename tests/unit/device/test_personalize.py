@@ -87,3 +87,34 @@ def test_attack_the_stored_personal_adapter_is_refused_by_the_ledger(tiny_base, 
             ledger.check_and_record(home, "https://server", kind, stored, schema)
     s = ledger.summarize(home)
     assert s.messages == 0 and s.refusals == 2
+
+
+def test_a_device_training_at_a_lower_rank_personalizes_the_release_first_slots(tiny_base, tmp_path) -> None:
+    """HetLoRA: a plan at rank 1 under a rank-2 release. The kept adapter, zero-padded to rank 2 at
+    the release's alpha, is the very model the device validated at rank 1 (alpha_r / r = alpha / R)."""
+    from tests.unit.runtime.device_home import TASK, adapter_state, signed_release
+
+    from pocketfed.device import ondevice
+    from pocketfed.model import rank
+
+    home = tmp_path / "home"
+    home.mkdir()
+    release = adapter_state(1)  # rank 2, alpha 4 (the device_home's TASK)
+    device_home.install_release(home, *signed_release(1, release), TASK)
+    low = LoraConfig(rank=1, alpha=rank.alpha_for_rank(4.0, 1, 2), target_modules=["q_proj", "v_proj"])
+    peft_model = lora.attach(tiny_base.model, low, seed=0)
+    model = wrap_peft(peft_model)
+    data = to_blocks([5, 6, 7, 8] * 40, 16, 0)
+    out = ondevice.personalize_home(home, model, data)
+    assert out["personalized"] and out["rank"] == 1 and out["gain"] > 0, out
+    stored = personal.load_personal(home)
+    assert stored is not None and rank.rank_of(stored) == 2
+    for k, v in stored.items():  # the second slot is zero: nothing of the release's tail is claimed
+        assert not v[1:, :].any() if "lora_A" in k else not v[:, 1:].any()
+    # each module's weight change, B A alpha / r: the padded rank-2 adapter at alpha 4 changes the
+    # model exactly as the rank-1 one did at alpha 2
+    for a_key in (k for k in stored if "lora_A" in k):
+        b_key = a_key.replace("lora_A", "lora_B")
+        padded = stored[b_key] @ stored[a_key] * (4.0 / 2)
+        trained = stored[b_key][:, :1] @ stored[a_key][:1, :] * (low.alpha / 1)
+        assert torch.allclose(padded, trained, atol=0, rtol=1e-6)
