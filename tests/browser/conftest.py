@@ -16,9 +16,11 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
-    """A launched headless Chromium (`playwright.sync_api.Browser`)."""
+    """A launched headless Chromium (`playwright.sync_api.Browser`). Module scope: Playwright's sync
+    API keeps an event loop running in this thread while it lives, where `asyncio.run` in later
+    tests would fail."""
     if CHROMIUM is None:  # `make test` installs it; a bare `pytest` on a machine without it says why
         pytest.skip("Debian's chromium is not installed: run `make browser`")
     from playwright.sync_api import sync_playwright

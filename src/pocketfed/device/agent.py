@@ -353,7 +353,7 @@ def run_device(
     skipped: set[int] = set()  # rounds this device could not train (`guard.round_problem`): not trained again
     while max_rounds == 0 or sent < max_rounds:
         try:
-            reply = call(client.checkin, probe_eligibility().model_copy(update={"profile": (profile or "")[:64]}))
+            reply = call(client.checkin, probe_eligibility().model_copy(update={"profile": wire.profile_label(profile)}))
         except http.ServerRefused as e:
             if e.code == "unknown_device":  # the server lost its state: register again
                 device_id = register()

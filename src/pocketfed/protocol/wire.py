@@ -53,6 +53,15 @@ class RegisterResponse(Strict):
     device_id: str
 
 
+PROFILE_LABEL = r"^[A-Za-z0-9_.-]*$"
+
+
+def profile_label(name: str | None) -> str:
+    """The profile name a check-in carries: the name when it is a plain label of at most 64
+    characters, else "" (a user's profile named in free text stays on the device)."""
+    return name if name and len(name) <= 64 and re.fullmatch(PROFILE_LABEL, name) else ""
+
+
 class Eligibility(Strict):
     charging: bool
     idle: bool
@@ -60,7 +69,7 @@ class Eligibility(Strict):
     free_memory_mb: int = Field(ge=0, le=10**7)
     # the memory profile the device trains under (watch, phone, car, a user's; "" for none): a device
     # class, not personal data; the operator's console shows it
-    profile: str = Field("", max_length=64)
+    profile: str = Field("", max_length=64, pattern=PROFILE_LABEL)  # a name, not free text
 
 
 class CheckinRequest(Strict):

@@ -154,13 +154,13 @@ def test_registration_and_checkins_are_recorded_the_token_only_hashed(tmp_path: 
     assert json.loads(data) == reg  # the exact request body: the server needs the token itself
     elig = {"charging": True, "idle": True, "unmetered": False, "free_memory_mb": 2048}
     sent = ledger.check_and_record(tmp_path, "https://server", ledger.CHECKIN, {"eligibility": elig, "wire_version": 1}, {})
-    assert json.loads(sent) == {"eligibility": elig, "wire_version": 1}
+    assert json.loads(sent) == {"eligibility": {**elig, "profile": ""}, "wire_version": 1}  # "": no profile
     first, second = _entries(tmp_path)
     assert first["kind"] == "registration" and first["name"] == "device-0a1b2c3d" and first["public_key"] == KEY_HEX
     assert first["enrollment_token_sha256"] == hashlib.sha256(TOKEN.encode()).hexdigest()
     assert first["bytes"] == len(data) and first["sha256"] == hashlib.sha256(data).hexdigest()
     assert TOKEN not in (tmp_path / ledger.LEDGER_FILE).read_text()  # a log a person may share: no credential
-    assert second["kind"] == "checkin" and second["eligibility"] == elig
+    assert second["kind"] == "checkin" and second["eligibility"] == {**elig, "profile": ""}
     s = ledger.summarize(tmp_path)
     assert s.by_kind == {"registration": (1, len(data)), "checkin": (1, len(sent))}
     assert s.sentence == f"2 messages, {len(data) + len(sent)} bytes: registration, check-ins; no raw data left this device"
