@@ -13,7 +13,8 @@ from pocketfed.server.device_requests import (
 )
 from pocketfed.server.evaluations import report as eval_report
 from pocketfed.server.lifecycle import is_done, stop_reason, tick
-from pocketfed.server.registry import ENROLL_TTL_S, enroll, register
+from pocketfed.server.enrollment import ENROLL_TTL_S, enroll
+from pocketfed.server.registry import register
 from pocketfed.server.service import (
     DUPLICATE, ENROLLMENT_REFUSED, HASH_MISMATCH, INVALID_SECAGG, INVALID_UPDATE, KEY_TAKEN, NAME_TAKEN, NOT_ASSIGNED,
     NOT_ENROLLED, NOT_IN_COHORT, OFFSET_MISMATCH, ROUND_CLOSED, TOO_LARGE, TRUNCATED, UNKNOWN_ROUND, WRONG_STAGE,
