@@ -100,7 +100,8 @@ def scenario(port: int, pid: int, key_hex: str) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def measure() -> dict[str, object]:
+    """Both scenarios against this tree's coordinator: {"code": its folder, "stranger": ..., "registered": ...}."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     import pocketfed
@@ -121,7 +122,19 @@ def main() -> None:
         finally:
             p.terminate()
             p.wait(timeout=30)
-    print(json.dumps(results, indent=1))
+    return results
+
+
+def run() -> list[dict[str, object]]:
+    """Rows for bench/run.py: one per scenario, this tree."""
+    results = measure()
+    return [{"clients sign with": {"stranger": "an unregistered key", "registered": "a registered key, forged signature"}[name],
+             "connections": CONNECTIONS, **results[name]}  # type: ignore[dict-item]
+            for name in ("stranger", "registered")]
+
+
+def main() -> None:
+    print(json.dumps(measure(), indent=1))
 
 
 if __name__ == "__main__":

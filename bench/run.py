@@ -43,6 +43,7 @@ SECTIONS = [
     ("Sparse back-propagation and the watch plan (issue 17)", "bench_depth"),
     ("Scale-out (issue 7)", "bench_scale"),
     ("Coordinator load (issue 3)", "bench_server"),
+    ("Coordinator hardening: idle connections (issue 16)", "bench_connections"),
     ("Malicious devices: attacks x defenses (issue 16)", "bench_robust"),
 ]
 MODULES = [m for _, m in SECTIONS]
@@ -75,6 +76,13 @@ thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
 `lora.layers` stays 0 (all layers) by default until the quality rows show top-L at equal or better
 held-out perplexity: the flag is a per-run choice (`--set lora.layers=10`).""",
+    "bench_connections": """\
+Before the hardening (HEAD 89f3e82 run from `git archive` with PYTHONPATH, 2026-11-28, load ~17):
+the 40 stranger connections grew the coordinator by +151.2 MB and were all still open 40 s later
+(the audit saw +150 MB, never closed). Now the header checks answer a stranger before any body is
+read, and a registered key's forged body is streamed to a 0600 file, refused, deleted, and its
+connection closed at `deploy.read_timeout_s` (15 s). Memory growth does not depend on load; the
+closing times are the timeouts.""",
     "bench_app": """\
 The issue's goals: suggestion p95 < 50 ms on smollm2-135m int4, and the app's whole-process peak RSS
 within the phone profile (1,536 MB). `direct_p95_ms` is `runtime.suggest` called in-process on the
