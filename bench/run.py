@@ -76,6 +76,14 @@ thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
 `lora.layers` stays 0 (all layers) by default until the quality rows show top-L at equal or better
 held-out perplexity: the flag is a per-run choice (`--set lora.layers=10`).""",
+    "bench_robust": """\
+Partly measured so far (2026-11-28, the full configuration above, machine shared with a test run at
+load 3-4): the clean run reaches held-out perplexity 151.88 -> 124.11 -> 102.51 -> 93.87 -> 87.88 over
+the 5 rounds (twice, identical); with the attacker and no defense the backdoor succeeds in 100% of
+trigger prompts from round 1 on and held-out perplexity ends at 210.42 (+139%): the attack is real.
+Each simulation took ~16 min at that load, so the five defense cells (~1 h idle) are still to run. A
+reduced run (5 devices, 1 attacker, boost 5, round 1) gave: no defense 100% backdoor; coordinate-wise
+median 0% at -3.1% clean perplexity; norm bound + central DP (C 1, z 0.02) 0% at +6.2%.""",
     "bench_connections": """\
 Before the hardening (HEAD 89f3e82 run from `git archive` with PYTHONPATH, 2026-11-28, load ~17):
 the 40 stranger connections grew the coordinator by +151.2 MB and were all still open 40 s later
