@@ -169,12 +169,19 @@ def test_rounds_over_tls_survive_kills(tmp_path):
         log = (logs / f"dev{i}.log").read_text()
         assert log.count("registered: device_id=") == 2 and "done: " in log
     uploaded = {d for parts in participants for d in parts}
-    ledgers = sorted((tmp_path / "homes").glob("dev*/ledger.jsonl"))  # a device never picked sent nothing
+    ledgers = sorted((tmp_path / "homes").glob("dev*/ledger.jsonl"))  # every device registered and checked in
     assert len(ledgers) >= len(uploaded) >= CONFIG["deploy"]["quorum"]
+    senders = set()
     for ledger in ledgers:  # only registrations, check-ins, updates and metrics left, each written down first
         kinds = [json.loads(x)["kind"] for x in ledger.read_text().splitlines()]
-        assert set(kinds) <= {"registration", "checkin", "update", "metrics"} and "update" in kinds
+        assert set(kinds) <= {"registration", "checkin", "update", "metrics"}
         assert kinds[0] == "registration" and "checkin" in kinds
+        if "update" in kinds:
+            senders.add(ledger.parent.name)
+    # a Poisson cohort may never draw some device: it sent no update. Every device in a committed
+    # round's participants wrote its update down before sending it (a killed one may have sent to a
+    # round that then went on without it).
+    assert uploaded <= senders, (uploaded, senders)
 
     # ---- the same rounds, replayed through the simulator -------------------------------------------
     from safetensors.torch import load as st_load
