@@ -8,6 +8,8 @@ a device's installed release all go through it).
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import tempfile
 from pathlib import Path
@@ -48,3 +50,12 @@ def write_atomic(path: Path, data: bytes | str | Callable[[str], None], mode: in
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read 1 MiB at a time (model files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

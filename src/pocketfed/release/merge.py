@@ -11,7 +11,6 @@ W' = W + dW_personal, and the manifest still names both (LoRA, Hu et al. 2021, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import PreTrainedModel
 
 from pocketfed.config import RunConfig, load_config
 from pocketfed.errors import UserError
+from pocketfed.files import sha256_file
 from pocketfed.model.zoo import BaseModel, load_base
 from pocketfed.release.int4_lora import LoraFactor
 
@@ -49,14 +49,6 @@ class RunInputs:
         return tuple(a for a in self.adapters if a.role == "personal") or self.adapters
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _adapter_ref(role: str, folder: Path) -> AdapterRef:
     cfg = folder / "adapter_config.json"
     weights = folder / "adapter_model.safetensors"
@@ -64,7 +56,7 @@ def _adapter_ref(role: str, folder: Path) -> AdapterRef:
         raise UserError(
             f"{role} adapter folder {str(folder)!r} must hold adapter_config.json and adapter_model.safetensors"
         )
-    return AdapterRef(role=role, path=folder, sha256=_sha256(weights))
+    return AdapterRef(role=role, path=folder, sha256=sha256_file(weights))
 
 
 def _adapter_base_id(ref: AdapterRef) -> str:

@@ -24,7 +24,6 @@ release status`, the page) start fast.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketfed.errors import UserError
-from pocketfed.files import fsync_dir, write_atomic
+from pocketfed.files import fsync_dir, sha256_file, write_atomic  # noqa: F401  (sha256_file: part of this module's API)
 
 RELEASE_PIN = "release.pub"
 DEVICE_INFO = "device.json"  # the server, CA and data folder `pocketfed device` last ran with
@@ -122,14 +121,6 @@ def install_release(home: str | Path, manifest: dict[str, Any], signature: str, 
             raise
     write_atomic(home / CURRENT, f"{int(manifest['version'])}\n")
     return folder
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
