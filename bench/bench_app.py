@@ -15,8 +15,11 @@ client asks `/api/suggest` as the page does: `words` after each word of runtime.
 pause at all; partial words are completed). Latency is the client's (HTTP on 127.0.0.1 included),
 after one warm-up request; peak RSS is the app process's VmHWM after all requests. The peer, in
 its own process with the same threads and spinning: `runtime.suggest` called directly on the same
-texts (`direct_p95_ms`), each text asked of the app and of the peer in turn, so a loaded machine
-slows both alike; `app_vs_direct_p95` is what the app adds (HTTP, the thread pool, the app).
+texts (`direct_p95_ms`). App and peer take turns in blocks (all texts of a kind to one, then to the
+other, REPEATS times; figures are the medians of the blocks' percentiles), so a loaded machine slows
+both alike, yet neither runs beside the other: a device runs one model, and two spinning thread pools
+on 2 cores slow each other (asking each text of both in turn put both p95s near 50 ms against 28 ms
+alone); `app_vs_direct_p95` is what the app adds (HTTP, the thread pool, the app).
 `cpu_p95_ms` / `direct_cpu_p95_ms`: CPU time (all threads) of the suggestion itself, in the app and
 in the peer; a loaded machine inflates wall time, much less CPU time, so on a shared box this is
 the better guide to the idle figure (with one thread, idle wall time is about the CPU time).
@@ -40,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 DEMO_RUN = "runs/demo"
 PHONE_MB = 1536  # pocketfed.device.profiles: the phone's memory budget
+REPEATS = 3  # blocks of every text, for the app and for the peer each
 
 
 def _release_from_run(home: Path, run: Path) -> None:
@@ -164,21 +168,21 @@ def measure_app(home: Path, threads: int, spin: bool) -> list[dict[str, Any]]:
 
             rows = []
             for name, texts in prefixes().items():
-                app_wall, app_cpu, peer_wall, peer_cpu = [], [], [], []
-                for i, text in enumerate(texts):
-                    first, second = (peer_ms, app_ms) if i % 2 else (app_ms, peer_ms)  # alternate who goes first
-                    a, b = first(text), second(text)
-                    (wall, cpu), (dwall, dcpu) = (b, a) if i % 2 else (a, b)
-                    app_wall.append(wall)
-                    app_cpu.append(cpu)
-                    peer_wall.append(dwall)
-                    peer_cpu.append(dcpu)
-                p95, direct_p95 = _percentile(app_wall, 95), _percentile(peer_wall, 95)
-                rows.append({"requests": name, "n": len(texts),
-                             "p50_ms": round(statistics.median(app_wall), 1), "p95_ms": round(p95, 1),
+                blocks: dict[str, list[list[tuple[float, float]]]] = {"app": [], "peer": []}
+                for rep in range(REPEATS):
+                    for who in (("app", "peer") if rep % 2 == 0 else ("peer", "app")):  # alternate who goes first
+                        ask = app_ms if who == "app" else peer_ms
+                        blocks[who].append([ask(text) for text in texts])
+
+                def med(who: str, q: float, i: int) -> float:  # the median over blocks of a percentile
+                    return statistics.median(_percentile([t[i] for t in block], q) for block in blocks[who])
+
+                p95, direct_p95 = med("app", 95, 0), med("peer", 95, 0)
+                rows.append({"requests": name, "n": len(texts), "repeats": REPEATS,
+                             "p50_ms": round(med("app", 50, 0), 1), "p95_ms": round(p95, 1),
                              "direct_p95_ms": round(direct_p95, 1), "app_vs_direct_p95": round(p95 / direct_p95, 2),
-                             "cpu_p95_ms": round(_percentile(app_cpu, 95), 1),
-                             "direct_cpu_p95_ms": round(_percentile(peer_cpu, 95), 1)})
+                             "cpu_p95_ms": round(med("app", 95, 1), 1),
+                             "direct_cpu_p95_ms": round(med("peer", 95, 1), 1)})
         peak = _vm_kb(app.pid, "VmHWM") / 1024
         for row in rows:
             row |= {"app_peak_rss_mb": round(peak, 1), "phone_mb": PHONE_MB, "lock_ok": lock["ok"],

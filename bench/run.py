@@ -94,13 +94,17 @@ closing times are the timeouts.""",
     "bench_app": """\
 The issue's goals: suggestion p95 < 50 ms on smollm2-135m int4, and the app's whole-process peak RSS
 within the phone profile (1,536 MB). `direct_p95_ms` is `runtime.suggest` called in-process on the
-same texts, each text asked of the app and of this peer in turn, with the same threads and spinning,
-so `app_vs_direct_p95` (what HTTP, the thread pool and the app add) holds however loaded the machine
-is; `load_1m` says how loaded it was. On a shared machine wall times are inflated several-fold, CPU
+same texts, with the same threads and spinning; app and peer take turns in blocks of every text (3
+each, medians of the blocks' percentiles; never both at once: two spinning thread pools on 2 cores
+slow each other), so `app_vs_direct_p95` (what HTTP, the thread pool and the app add) holds however
+loaded the machine is; `load_1m` says how loaded it was. On a shared machine wall times are inflated several-fold, CPU
 times (`cpu_p95_ms`, all threads) much less: they are the guide to an idle device. `keystrokes` (a
 request after every character, partial words completed) is a worst case the page avoids: it asks
 when typing pauses for 120 ms. On an idle machine the runtime section's `suggest_p95_ms` is the
-direct figure to compare with.""",
+direct figure to compare with. Until 2026-11-28 the app added a constant 44 ms to every request
+(p95 79.3 ms against 31.7 direct): its listening socket was made with proto 0, so asyncio left
+Nagle's algorithm on and each response's body waited for the client's delayed ACK; the socket now
+names IPPROTO_TCP (tests/unit/app/test_app_cli.py checks an accepted connection has TCP_NODELAY).""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an

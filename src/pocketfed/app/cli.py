@@ -91,7 +91,10 @@ def app_cmd(
 def listen_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (uvicorn listens on it), or UserError naming the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose
+    # proto says TCP. With proto 0 the response's body, written after its headers, waited for the
+    # client's delayed ACK: +44 ms on every keep-alive request (suggestion p95 72 ms instead of 28)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
     try:
         sock.bind((host, port))

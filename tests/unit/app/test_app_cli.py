@@ -40,3 +40,30 @@ def test_app_port_in_use_is_named(tmp_path):
         r = app("--home", str(tmp_path), "--port", str(port))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"127.0.0.1:{port}" in " ".join(r.stderr.split()) and "--port" in r.stderr
+
+
+def test_the_app_socket_turns_nagle_off_for_every_connection():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; without it every keep-alive
+    response's body waited for the client's delayed ACK (~40 ms a suggestion)."""
+    import asyncio
+
+    from pocketfed.app.cli import listen_socket
+
+    async def accepted_nodelay() -> int:
+        sock = listen_socket("127.0.0.1", 0)
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport):
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Record, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        try:
+            return await asyncio.wait_for(got, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
