@@ -73,7 +73,7 @@ def plot_per_device(ax, summary: dict[str, Any]) -> None:
 
 def plot_report(history: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
     attacked = bool(summary.get("attack"))
-    devices = bool(summary.get("per_device"))
+    devices = any((summary.get("per_device") or {}).values())  # no variant evaluated (eval.variants=[]): no panel
     n = 2 + devices + attacked
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2))
     ax1, ax2 = axes[0], axes[1]
