@@ -58,7 +58,10 @@ test: install browser
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q --timeout 600
 
-bench: install
+bench: install  # llama.cpp is the peer of bench_runtime / bench_decode: compiled once here (~9 min on 2 cores)
+	$(PY) -m pip install -q -e '.[llama]'
+	@ldconfig -p | grep -q libjemalloc.so.2 || { apt-get update -q && apt-get install -y -q libjemalloc2; } >/dev/null 2>&1 \
+	  || echo "make bench: no libjemalloc2 (Debian): Ray workers allocate with glibc's malloc (bench_scale's memory is higher)"
 	$(PY) bench/run.py --out docs/BENCHMARKS.md
 
 clean:

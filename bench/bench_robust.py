@@ -11,13 +11,21 @@ median (Yin et al., ICML 2018); multi-Krum with f = 1 (Blanchard et al., NeurIPS
 Issue 16's goals: without a defense the backdoor succeeds; with norm bounding + DP, or the median,
 backdoor success <= 10% at a clean perplexity cost <= 5%.
 
+Each cell is one simulation in its own process with one torch thread, two at a time (PARALLEL).
+BENCH_ROBUST_RUNS names a folder that keeps the cells' runs (`cell{i}/`) and reuses finished ones.
 Run alone: `.venv/bin/python bench/bench_robust.py [--quick]`; `run()` returns rows for bench/run.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +37,12 @@ BASE: dict[str, Any] = {
     "model": {"name": "smollm2-135m"},
     "data": {"seq_len": 64, "min_train_tokens": 2000, "max_eval_tokens": 512},
     "train": {"steps": 2, "batch_size": 4, "lr": 2e-3},
-    "sim": {"devices": DEVICES, "rounds": ROUNDS, "heldout": 2, "seed": 0},
-    "eval": {"every_round": True, "variants": ["base"]},
+    "sim": {"devices": DEVICES, "rounds": ROUNDS, "heldout": 2, "seed": 0, "threads": 1},
+    "eval": {"every_round": True, "variants": []},  # held-out perplexity and backdoor success per round only
     # the attacker trains on its backdoor rows for longer and faster than its task says (its token
-    # claim is bounded by the task's budget all the same)
-    "attack": {"kind": "none", "boost": float(DEVICES), "steps": 30, "lr": 5e-3},
+    # claim is bounded by the task's budget all the same); 10 steps already plant the backdoor in
+    # every round without a defense (measured: 100% in rounds 1-5, as with 30 steps, in 2/3 the time)
+    "attack": {"kind": "none", "boost": float(DEVICES), "steps": 10, "lr": 5e-3},
     "server": {"median_norm_bound": 0.0},
 }
 REPLACEMENT = {"kind": "model_replacement", "fraction": 0.1}
@@ -61,34 +70,63 @@ def config(attack: dict[str, Any], defense: dict[str, Any], quick: bool) -> Any:
     return load_config(None, cfg)
 
 
+CELLS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("clean", {}, {}),
+                                                          *[(name, REPLACEMENT, d) for name, d in DEFENSES]]
+# the cells run as separate processes, PARALLEL at a time with one torch thread each: on 2 cores two
+# single-threaded simulations get through more work than one with 2 threads (small matmuls scale
+# poorly), and a loaded machine does not make two OpenMP threads spin against each other
+PARALLEL = int(os.environ.get("BENCH_ROBUST_PARALLEL", "2"))
+
+
+def _cell(index: int, folder: Path, quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """Cell `index` of CELLS simulated into `folder` in its own process, unless `folder` already holds
+    its finished run (BENCH_ROBUST_RUNS keeps them); -> (per-round history, summary, config)."""
+    _, attack, defense = CELLS[index]
+    cfg = config(attack, defense, quick)
+    if not (folder / "summary.json").is_file():
+        cmd = [sys.executable, "-W", "ignore", __file__, "--cell", str(index), str(folder)] + ["--quick"] * quick
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+        if out.returncode != 0:
+            raise RuntimeError(f"cell {CELLS[index][0]!r}: {out.stderr.strip()[-2000:]}")
+    history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return history, json.loads((folder / "summary.json").read_text()), cfg
+
+
 def run(quick: bool = False, only: list[str] | None = None) -> list[dict[str, Any]]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        clean = simulate(config({}, {}, quick), Path(tmp) / "clean")
-        clean_ppl = clean.history[-1]["heldout"]["perplexity"]
-        rows.append({"attack": "none", "defense": "none", "backdoor success": "-",
-                     "clean held-out ppl": f"{clean_ppl:.2f}", "ppl cost": "-"})
-        for i, (name, defense) in enumerate(DEFENSES):
-            if only and name not in only:
-                continue
-            cfg = config(REPLACEMENT, defense, quick)
-            res = simulate(cfg, Path(tmp) / f"d{i}")
-            last = res.history[-1]
-            ppl = last["heldout"]["perplexity"]
-            rows.append({
-                "attack": f"model replacement, {len(res.summary['attack']['devices'])} of {cfg.sim.devices} (x{cfg.attack.boost:g})",
-                "defense": name,
-                "backdoor success": f"{100 * last['attack']['backdoor_success']:.0f} %",
-                "clean held-out ppl": f"{ppl:.2f}",
-                "ppl cost": f"{100 * (ppl / clean_ppl - 1):+.1f} %",
-            })
-            print(rows[-1], flush=True)  # a long run: each row as soon as it is measured
+    keep = os.environ.get("BENCH_ROBUST_RUNS")
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-robust-"))
+    wanted = [i for i, (name, *_) in enumerate(CELLS) if i == 0 or not only or name in only]
+    try:
+        with ThreadPoolExecutor(PARALLEL) as pool:  # threads only wait on the cells' processes
+            runs = dict(zip(wanted, pool.map(lambda i: _cell(i, root / f"cell{i}{'-quick' * quick}", quick), wanted)))
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    clean_ppl = runs[0][0][-1]["heldout"]["perplexity"]
+    rows = [{"attack": "none", "defense": "none", "backdoor success": "-",
+             "clean held-out ppl": f"{clean_ppl:.2f}", "ppl cost": "-"}]
+    for i in wanted[1:]:
+        history, summary, cfg = runs[i]
+        ppl = history[-1]["heldout"]["perplexity"]
+        rows.append({
+            "attack": f"model replacement, {len(summary['attack']['devices'])} of {cfg.sim.devices} (x{cfg.attack.boost:g})",
+            "defense": CELLS[i][0],
+            "backdoor success": f"{100 * history[-1]['attack']['backdoor_success']:.0f} %",
+            "backdoor by round": " ".join(f"{100 * r['attack']['backdoor_success']:.0f}" for r in history),
+            "clean held-out ppl": f"{ppl:.2f}",
+            "ppl cost": f"{100 * (ppl / clean_ppl - 1):+.1f} %",
+        })
     return rows
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="5 devices, 2 rounds: a smoke run, not the measurement")
+    ap.add_argument("--cell", nargs=2, metavar=("INDEX", "OUT"), help=argparse.SUPPRESS)  # one cell's process
     args = ap.parse_args()
-    for r in run(args.quick):
-        print(r, flush=True)
+    if args.cell:
+        _, attack, defense = CELLS[int(args.cell[0])]
+        simulate(config(attack, defense, args.quick), Path(args.cell[1]))
+    else:
+        for r in run(args.quick):
+            print(r, flush=True)

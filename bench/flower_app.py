@@ -1,8 +1,10 @@
 """The side-by-side's Flower app: pocketfed's workload on Flower's simulation engine.
 
 Run only inside bench/.flwr-venv (bench/setup_flower.sh), by bench/bench_scale.py:
-    bench/.flwr-venv/bin/python bench/flower_app.py '<json: config overrides + "workers">'
-It prints one JSON line: per-round wall times, the final held-out perplexity.
+    bench/.flwr-venv/bin/python bench/flower_app.py '{"overrides": {...}, "cpus": 2, "device_cpus": 1}'
+(`cpus`: Ray's CPUs; `device_cpus`: what each actor declares and its torch threads, so 2 / 1 runs
+two actors of one thread, 2 / 2 one actor of two.) It prints one JSON line: per-round wall times,
+per-round train loss, the final held-out perplexity.
 
 Same workload as `pocketfed simulate`: the same model, devices (the same population and held-out
 split, one Flower SuperNode per training device), devices per round, local steps (the ClientApp
@@ -59,7 +61,10 @@ def train(msg: Message, context: Context) -> Message:
     from pocketfed.server.sampling import device_seed
     from pocketfed.protocol.messages import TrainTask
 
+    import torch
+
     w = workload()
+    torch.set_num_threads(w["spec"]["device_cpus"])  # what the actor declared, as pocketfed's Ray workers do
     device = w["pool"][int(context.node_config["partition-id"])]
     round_ = int(msg.content["config"]["server-round"]) - 1
     global_adapter = msg.content["arrays"].to_torch_state_dict()
@@ -98,12 +103,16 @@ def main(grid: Grid, context: Context) -> None:
         ppl.append(evaluate(w["model"], heldout, max_tokens=cfg.data.max_eval_tokens).perplexity)
         return MetricRecord({"heldout_perplexity": ppl[-1]})
 
-    strategy.start(grid, ArrayRecord(lora.get_state(w["model"])), num_rounds=cfg.sim.rounds, evaluate_fn=held_out)
+    result = strategy.start(grid, ArrayRecord(lora.get_state(w["model"])), num_rounds=cfg.sim.rounds,
+                            evaluate_fn=held_out)
+    train_metrics = getattr(result, "train_metrics_clientapp", {}) or {}
     # marks[r] is the end of round r's training (marks[0]: the start); round r >= 2 then counts the
     # evaluation after round r - 1 and round r's training: one evaluation and one training a round.
     print("FLOWER_RESULT " + json.dumps({
         "round_seconds": [b - a for a, b in zip(marks, marks[1:])],
         "heldout_perplexity": ppl[-1] if ppl else None,
+        # per round, the token-weighted mean of the devices' losses (FedAvg's weighted_by_key), as pocketfed's
+        "train_loss": [float(train_metrics[r]["train_loss"]) for r in sorted(train_metrics)],
     }), flush=True)
 
 

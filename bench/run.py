@@ -38,6 +38,7 @@ SECTIONS = [
     ("Secure aggregation (issue 4)", "bench_secagg"),
     ("Differential privacy on Shakespeare (issue 4)", "bench_dp"),
     ("On-device inference (issue 5)", "bench_runtime"),
+    ("Decoding against llama.cpp, idle and loaded (issue 17)", "bench_decode"),
     ("Device app (issue 14)", "bench_app"),
     ("Device budgets (issue 6)", "bench_budget"),
     ("Sparse back-propagation and the watch plan (issue 17)", "bench_depth"),

@@ -91,3 +91,36 @@ def test_failures_and_memory_overruns_are_dropouts():
     assert isinstance(results[2], Dropout) and results[2].device_id == d2, results[2]
     assert "900 MB" in results[2].reason
     assert sorted(done) == sorted([d0, d1, d2])
+
+
+def test_a_worker_is_lean_and_its_base_stays_in_the_object_store():
+    """A Ray worker on a model the lean Llama supports: it never imports transformers, PEFT or scipy,
+    and after training every frozen base tensor still lies in the object store's shared pages (no
+    per-worker copy: a `.clone()`, `.float()` or `.contiguous()` on a base weight would move it)."""
+    from pocketfed.transport.ray_backend import RayBackend, build_lean, in_shared_memory, share_base
+
+    cfg = tiny_config(sim={"backend": "ray", "device_cpus": 2})  # one worker
+    base = load_base("tiny")
+    model = lora.attach(base.model, cfg.lora, seed=0)
+    dataset = load_dataset(cfg.data, base.tokenizer)
+
+    shared = share_base(model, base.path)
+    assert shared.lean is not None
+    lean = build_lean(shared)  # the worker's model: the same logits as transformers', on the shared arrays
+    ids = dataset.device(dataset.device_ids[0]).train.input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(lean(ids), model.get_base_model()(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert lean.lm_head.weight is lean.model.embed_tokens.weight
+    assert not in_shared_memory([torch.zeros(4)])  # a private tensor is told apart
+
+    d = dataset.device_ids[0]
+    backend = RayBackend(cfg, base, dataset)
+    try:
+        [result] = backend.run([TrainTask(0, d, lora.get_state(model), cfg.train, device_seed(0, 0, d))])
+        [stats] = backend.worker_stats()
+    finally:
+        backend.close()
+    assert isinstance(result, TrainResult) and result.num_tokens > 0
+    assert stats["backend"] == "lean"
+    assert stats["imported"] == []
+    assert stats["base_in_object_store"] is True
