@@ -72,6 +72,7 @@ class _LlamaSession:
         llm.reset()
 
     def feed(self, ids: list[int]) -> Any:
+        import llama_cpp
         import numpy as np
 
         llm = self.llm
@@ -83,7 +84,10 @@ class _LlamaSession:
             common += 1
         llm.n_tokens = min(common, len(ids) - 1)  # always run at least one token to get logits
         llm.eval(ids[llm.n_tokens:])
-        return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        # the last position's logits, from llama.cpp's C API (the high-level `scores` keeps them only
+        # with logits_all=True, which costs an n_ctx x vocab buffer and a copy per step)
+        last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(last, shape=(llm.n_vocab(),)).copy()
 
 
 def _child(kind: str, path: str, threads: int) -> dict[str, Any]:

@@ -78,13 +78,18 @@ thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `lora.layers` stays 0 (all layers) by default until the quality rows show top-L at equal or better
 held-out perplexity: the flag is a per-run choice (`--set lora.layers=10`).""",
     "bench_robust": """\
-Partly measured so far (2026-11-28, the full configuration above, machine shared with a test run at
-load 3-4): the clean run reaches held-out perplexity 151.88 -> 124.11 -> 102.51 -> 93.87 -> 87.88 over
-the 5 rounds (twice, identical); with the attacker and no defense the backdoor succeeds in 100% of
-trigger prompts from round 1 on and held-out perplexity ends at 210.42 (+139%): the attack is real.
-Each simulation took ~16 min at that load, so the five defense cells (~1 h idle) are still to run. A
-reduced run (5 devices, 1 attacker, boost 5, round 1) gave: no defense 100% backdoor; coordinate-wise
-median 0% at -3.1% clean perplexity; norm bound + central DP (C 1, z 0.02) 0% at +6.2%.""",
+Issue 16's goals hold: without a defense the boosted replacement plants the backdoor (100% of
+trigger prompts from round 3 on; clean perplexity +11%); the coordinate-wise median stops it (0% in
+every round) at a perplexity 6.8% *lower* than the clean run's, and norm bounding + central DP with C
+near the honest updates' norm stops it at no cost (C 2.5: 0%, +0.0%; C 4: 0%, -0.7%). C = 1 stops it
+too but halves every honest update (their median norm here is ~2.3: the median norm bound, 3x it,
+was 6.4-6.8 in rounds 2-5) and costs +26.9%. The default median norm bound (3x) alone also holds it
+to 0% (-5.6%), and so does multi-Krum (+0.1%). Defenses that beat the clean run do so because the
+clean run has no bound at all (`server.median_norm_bound` 0 there, as in the no-defense cell): a
+bound also trims the honest devices' outliers. z = 0.02 is a token noise: those DP rows show what
+the clip does against the attack, not a useful epsilon (for privacy see the DP section). All cells
+are deterministic (seed 0; one torch thread each, two cells at a time: 18 min for the six first
+cells with the machine shared, load 2-7).""",
     "bench_connections": """\
 Before the hardening (HEAD 89f3e82 run from `git archive` with PYTHONPATH, 2026-11-28, load ~17):
 the 40 stranger connections grew the coordinator by +151.2 MB and were all still open 40 s later
