@@ -111,6 +111,18 @@ direct figure to compare with. Until 2026-11-28 the app added a constant 44 ms t
 (p95 79.3 ms against 31.7 direct): its listening socket was made with proto 0, so asyncio left
 Nagle's algorithm on and each response's body waited for the client's delayed ACK; the socket now
 names IPPROTO_TCP (tests/unit/app/test_app_cli.py checks an accepted connection has TCP_NODELAY).""",
+    "bench_decode": """\
+Against issue 17's goals (2026-11-28, the table above): idle, onnx-int4 decodes 163.6 / 126.2 tok/s
+at 128 / 1,024 tokens of context (goal >= 120 at 1,024: met), 1.03x / 1.05x llama.cpp on the shipped
+Q4_1 file and 0.89x / 1.00x on our gguf-q4_0 export (goal 1.3x: not met); suggestion p95 28.5 ms
+(goal 20 ms: not met; llama.cpp on our export 23.2 ms through the same `suggest`). With one core
+busy, `runtime.load` picks 2 sleeping threads: 119 / 87.5 tok/s, 0.66x llama.cpp at 1 thread
+(goal 1.0x: not met). The gap is per core: llama.cpp's single thread decodes 180 tok/s on our
+export whether the other core is idle or busy, ORT's single thread ~99 (bench_runtime's 1-thread
+row), so ORT needs both cores to keep up and loses as soon as one is taken. Closing it needs a
+faster single-threaded int4 path in ORT (MatMulNBits at accuracy level 4 with our extra LoRA / offset
+columns, the Q8 lm_head) or fewer nodes per token; not done. llama.cpp's 2-thread rows under load
+show why it defaults to cpu_count // 2 threads: its spinning workers collapse (p95 198-219 ms).""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an
