@@ -75,8 +75,14 @@ stored in, rebuilding int8 / bf16 weights a slice at a time (device/lowmem.py). 
 same minute: 0.05x) to 0.58-0.66x the phone plan's tokens per CPU-second (2026-11-28, one torch
 thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
-`lora.layers` stays 0 (all layers) by default until the quality rows show top-L at equal or better
-held-out perplexity: the flag is a per-run choice (`--set lora.layers=10`).""",
+Measured idle on 2026-11-28 (device rows: 2 torch threads, medians of 3; quality rows: the demo's
+runs, `BENCH_DEPTH_RUNS`, L=all is runs/demo): top-L saves a quarter of a round's time (L=10 0.745x,
+L=5 0.723x: the forward through all 30 layers and the head stay) and costs 40% / 67% held-out
+perplexity after the demo's 3 rounds (119.5 / 143.1 against 85.55), so `lora.layers` stays 0 (all
+layers): issue 17's "half the device-seconds at equal or better perplexity" is out of reach by depth
+alone here. The watch plan at 2 threads trains at 0.35x the phone plan's tokens/s (60.1 against
+172.1; 0.52x with L=10): micro-batch 1 with checkpointing parallelizes poorly over two threads, so
+the 0.5x goal holds per CPU-second (the figures above) but not in wall time at 2 threads.""",
     "bench_robust": """\
 Issue 16's goals hold: without a defense the boosted replacement plants the backdoor (100% of
 trigger prompts from round 3 on; clean perplexity +11%); the coordinate-wise median stops it (0% in
