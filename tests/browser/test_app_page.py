@@ -25,7 +25,7 @@ from pocketfed.egress import LEDGER_FILE, REFUSAL
 from tests.conftest import cpu_seconds, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "runtime"))
-from device_home import make_device_home  # noqa: E402
+from device_home import flip_weight_byte, make_device_home  # noqa: E402
 
 pw = pytest.importorskip("playwright.sync_api")
 expect = pw.expect
@@ -74,17 +74,6 @@ def running_app(home: Path, log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def flip_weight_byte(home) -> None:
-    """One flipped bit in the middle of the runtime model's weights, written in place (the file keeps
-    its size and inode: rewriting it whole would truncate it under the running app's memory map)."""
-    path = home / "model" / "model.onnx.data"
-    with path.open("r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, 1)
-        f.write(bytes([byte ^ 0x01]))
 
 
 def test_app_page_suggests_shows_the_lock_and_the_ledger(page, screenshots, tmp_path):

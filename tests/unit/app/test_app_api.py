@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,21 +14,13 @@ from pocketfed.app.server import CSP, LOCK_TEXT, create_app
 from pocketfed.egress import LEDGER_FILE, REFUSAL
 from tests.conftest import wait_for
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from device_home import flip_weight_byte  # noqa: E402
+
 
 @pytest.fixture
 def client(device_home):
     return TestClient(create_app(device_home, threads=1, spin=False), base_url="http://127.0.0.1:8765")
-
-
-def flip_weight_byte(home) -> None:
-    """One flipped bit in the middle of the runtime model's weights, written in place (the file keeps
-    its size and inode: rewriting it whole would truncate it under the running app's memory map)."""
-    path = home / "model" / "model.onnx.data"
-    with path.open("r+b") as f:
-        f.seek(path.stat().st_size // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, 1)
-        f.write(bytes([byte ^ 0x01]))
 
 
 def test_suggestions_are_distinct_words(client):

@@ -112,3 +112,14 @@ def make_device_home(tmp_path: Path) -> Path:
 def describe(home: Path) -> str:
     """For failure messages: the home's files."""
     return json.dumps(sorted(str(p.relative_to(home)) for p in home.rglob("*")))
+
+
+def flip_weight_byte(home) -> None:
+    """One flipped bit in the middle of the runtime model's weights, written in place (the file keeps
+    its size and inode: rewriting it whole would truncate it under the running app's memory map)."""
+    path = home / "model" / "model.onnx.data"
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x01]))
