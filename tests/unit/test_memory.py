@@ -1,11 +1,14 @@
-"""pocketfed.memory.release_mapped_file: unmaps clean file pages, never ones the process wrote."""
+"""pocketfed.memory: release_mapped_file unmaps clean file pages, never ones the process wrote;
+advise_huge_pages puts resident anonymous memory in huge pages and leaves sparse memory sparse."""
 
+import ctypes
 import mmap
 import sys
+from pathlib import Path
 
 import pytest
 
-from pocketfed.memory import release_mapped_file
+from pocketfed.memory import advise_huge_pages, release_mapped_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -49,3 +52,54 @@ def test_release_keeps_pages_the_process_wrote(tmp_path):
 
 def test_release_of_a_missing_file_is_a_no_op(tmp_path):
     assert release_mapped_file(tmp_path / "absent.data") == 0.0
+
+
+def _thp_mode():
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _region_kb(address, field):
+    """`field` (Rss, AnonHugePages) of the mapping that holds `address`, kB."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                inside = start <= address < end
+            elif inside and head[0] == field + ":":
+                return int(head[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel has no transparent huge pages")
+def test_huge_pages_back_resident_malloc_memory_and_leave_sparse_memory_sparse():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 32 << 20  # malloc serves it by its own mmap, as ONNX Runtime's prepacked weights; glibc never
+    dense, sparse = libc.malloc(size), libc.malloc(8 * size)  # asks for huge pages itself
+    try:
+        ctypes.memset(dense, 7, size)  # resident, in 4 kB pages (the mode is madvise)
+        ctypes.memset(sparse, 7, 4096)  # one page of 256 MB
+        middle = dense + size // 2  # madvise splits the mapping at 2 MB boundaries; this part is inside
+        sparse_rss = _region_kb(sparse, "Rss")
+        assert _region_kb(middle, "AnonHugePages") == 0
+
+        collapsed = advise_huge_pages()
+
+        assert collapsed >= 28  # MB: at least the dense block less its unaligned ends
+        assert _region_kb(middle, "AnonHugePages") >= 28 * 1024
+        assert ctypes.string_at(dense + size - 1, 1) == b"\x07"  # the data survived the move
+        assert _region_kb(sparse, "Rss") < sparse_rss + 4096  # the sparse block was not filled in
+        advise_huge_pages()  # again (as each new KV cache does): nothing moves back or fills in
+        assert _region_kb(middle, "AnonHugePages") >= 28 * 1024
+        assert _region_kb(sparse, "Rss") < sparse_rss + 4096
+    finally:
+        libc.free(dense)
+        libc.free(sparse)
