@@ -7,17 +7,18 @@ Runtime settings, chosen by measurement (SmolLM2-135M + LoRA, int4 block 32 accu
 prune_lm_head; this 2-core x86 box shared with other jobs, load average ~4; each configuration in
 its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of context):
 
-- threads = min(2, usable CPUs), and spinning by measurement of the CPU at load time. ORT's worker
-  threads either spin between parallel sections (fast wake-up; ORT's default) or sleep (a futex
-  wake-up per MatMul). Measured on this 2-core box (onnx-int4 + runs/demo's adapter, decode tok/s at
-  128 / 1,024 context, best of 3):
-                                  idle CPU       one other core busy
-      1 thread                    96 / 70        98 / 70
-      2 threads, sleeping         101 / 91       100 / 76
-      2 threads, spinning         161 / 107      63 / 49
-  Spinning wins by 60% on an idle CPU and loses by 40% when another process wants a core, so
-  `load` samples /proc/stat for 0.1 s (the other processes' CPU use) and spins only where at least
-  one core is free for the second thread; `spin=True/False` (the CLI's --spin/--no-spin) decides.
+- threads and spinning by measurement of the CPU at load time: `load` samples /proc/stat for 0.1 s
+  (the other processes' CPU use) and runs as many threads as there are free cores (at most 2), the
+  worker threads spinning between parallel sections (fast wake-up; ORT's default) when there are
+  two. Measured on this 2-core box (onnx-int4 + runs/demo's adapter, with huge pages, decode tok/s
+  at 128 / 1,024 context and suggest p95, medians of 3 interleaved runs, each in its own process):
+                                  idle CPU              one other core busy
+      1 thread                    ~143 / ~94            138 / 97, 33 ms
+      2 threads, sleeping                               124 / 93, 37 ms
+      2 threads, spinning         195 / 138, 25 ms      63 / 49 (measured before huge pages)
+  Spinning wins by 35% on an idle CPU and loses by half when another process wants a core, where a
+  second, sleeping thread is slower than none (a futex wake-up per MatMul). `threads` / `spin`
+  (the CLI's --threads, --spin/--no-spin) override the choice.
 - graph_optimization_level = ORT_ENABLE_ALL (the GenAI default; the builder's graph is already fused).
 - enable_cpu_mem_arena stays on: off cost +100 MB peak RSS (376 vs 276 MB) for no speed gain.
 - past_present_share_buffer = true: the KV cache is one buffer of max_length positions updated in
@@ -147,13 +148,20 @@ def other_cpu_load(sample_s: float = SPIN_SAMPLE_S) -> float | None:
 
 
 def choose_settings(threads: int | None = None, spin: bool | None = None) -> tuple[int, bool]:
-    """(threads, spin): given values are kept; missing ones are chosen as measured (module docstring)."""
+    """(threads, spin): given values are kept; missing ones are chosen as measured (module docstring):
+    as many threads as there are free cores (at least one, at most MAX_THREADS), spinning when there
+    is more than one; with no load figure (no /proc/stat), MAX_THREADS sleeping threads."""
+    others = None
     if threads is None:
         threads = min(MAX_THREADS, usable_cpus())
-    if threads < 1:
-        raise UserError(f"threads must be at least 1, not {threads}")
-    if spin is None:
         others = other_cpu_load() if threads > 1 else None
+        if others is not None:
+            threads = max(1, min(threads, int(usable_cpus() + 0.25 - others)))
+    elif threads < 1:
+        raise UserError(f"threads must be at least 1, not {threads}")
+    elif spin is None and threads > 1:
+        others = other_cpu_load()
+    if spin is None:
         spin = others is not None and others + threads <= usable_cpus() + 0.25
     return threads, bool(spin and threads > 1)
 

@@ -183,9 +183,12 @@ def test_thread_settings_follow_the_cpu(monkeypatch):
     monkeypatch.setattr(rt, "usable_cpus", lambda: 2)
     monkeypatch.setattr(rt, "other_cpu_load", lambda: 0.1)  # idle: the second thread may spin
     assert rt.choose_settings() == (2, True)
-    monkeypatch.setattr(rt, "other_cpu_load", lambda: 1.0)  # another process holds a core
-    assert rt.choose_settings() == (2, False)
-    monkeypatch.setattr(rt, "other_cpu_load", lambda: None)  # no /proc/stat: do not spin
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: 1.0)  # another process holds a core: one thread
+    assert rt.choose_settings() == (1, False)
+    assert rt.choose_settings(threads=2) == (2, False)  # two asked for: they sleep
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: 2.0)  # both cores busy: still one
+    assert rt.choose_settings() == (1, False)
+    monkeypatch.setattr(rt, "other_cpu_load", lambda: None)  # no /proc/stat: two threads, asleep
     assert rt.choose_settings() == (2, False)
     assert rt.choose_settings(threads=1, spin=True) == (1, False)  # nothing to spin for
     assert rt.choose_settings(threads=2, spin=True) == (2, True)
