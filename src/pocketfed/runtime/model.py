@@ -220,8 +220,14 @@ class Session:
 
     `feed(ids)` makes the cache hold exactly `ids` and returns the logits after the last one:
     it rewinds to the longest common prefix with what the cache holds and runs only the rest,
-    so a keyboard that re-asks after each keystroke pays for the new tokens only.
+    so a keyboard that re-asks after each keystroke pays for the new tokens only. The logits of the
+    last REMEMBERED sequences fed are kept (200 kB each for SmolLM2): asking for one again runs
+    nothing (the cache is brought to `ids` by the next feed that runs). A keyboard asks again for the
+    same text before the word being typed at each keystroke, and for "text + a word it suggested,
+    checked for whether the word ends there" when the user takes that word.
     """
+
+    REMEMBERED = 8
 
     def __init__(self, model: LoadedModel, max_length: int) -> None:
         import onnxruntime_genai as og  # noqa: PLC0415
@@ -233,15 +239,21 @@ class Session:
                                   past_present_share_buffer=SHARE_KV_BUFFER)
         self.generator = og.Generator(model.og_model, params)
         advise_huge_pages()  # the KV cache buffer the generator just made (see the module docstring)
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []  # what the KV cache holds
         self.steps = 0  # tokens run through the model (for tests and benchmarks)
+        self._logits: dict[tuple[int, ...], np.ndarray] = {}  # last fed sequences -> their logits, oldest first
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Cache := ids; returns next-token logits [vocab] (float32)."""
+        """Cache := ids (now or at the next feed that runs); returns next-token logits [vocab] (float32)."""
         if not ids:
             raise ValueError("feed needs at least one token")
         if len(ids) >= self.max_length:
             raise ValueError(f"{len(ids)} tokens do not fit a {self.max_length}-token cache")
+        key = tuple(ids)
+        known = self._logits.pop(key, None)
+        if known is not None:
+            self._logits[key] = known  # now the most recent
+            return known
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -255,4 +267,9 @@ class Session:
             self.generator.append_tokens(new[start:start + PREFILL_CHUNK])
         self.steps += len(ids) - common
         self.tokens = list(ids)
-        return np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
+        logits = np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
+        logits.flags.writeable = False  # handed out again from the memo
+        self._logits[key] = logits
+        if len(self._logits) > self.REMEMBERED:
+            del self._logits[next(iter(self._logits))]
+        return logits

@@ -42,6 +42,26 @@ def test_session_reuses_the_shared_prefix(int4):
     assert np.abs(got - fresh).max() < 1e-4
 
 
+def test_session_answers_a_sequence_it_fed_lately_without_running_it(int4):
+    ids = int4.encode("To be, or not to be, that is the question")
+    s = Session(int4, 64)
+    first = s.feed(ids)
+    longer = s.feed(ids + [ids[0]])
+    steps = s.steps
+    again = s.feed(ids)  # a keyboard asking again about the same text
+    assert s.steps == steps and np.array_equal(again, first)
+    assert not again.flags.writeable  # handed out twice: nobody may change it
+    # the cache was left holding ids + [ids[0]]; the next feed that runs brings it to what it asks for
+    other = ids[:-1] + [ids[-1] + 1]
+    got = s.feed(other)
+    assert s.steps == steps + 1 and np.abs(got - Session(int4, 64).feed(other)).max() < 1e-4
+    for extra in range(Session.REMEMBERED):  # the memo keeps the last REMEMBERED sequences only
+        s.feed(ids + [extra + 2])
+    s.feed(ids)
+    assert s.steps > steps + 1 + Session.REMEMBERED
+    assert np.abs(s.feed(ids + [ids[0]]) - longer).max() < 1e-4
+
+
 def test_generate_streams_greedy_tokens(int4):
     pieces = list(generate(int4, "My lord,", max_tokens=8))
     assert 1 <= len(pieces) <= 8
