@@ -511,5 +511,5 @@ def plan_summary(session: Session) -> dict[str, Any]:
         return {"backend": session.model.backend.value, "profile": "none (fp32, no budget)"}
     return {"backend": p.backend.value, "profile": p.profile, "precision": p.precision.value, "rank": p.rank,
             "micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "seq_len": p.seq_len,
-            "checkpointing": p.checkpointing, "loss_chunk": p.loss_chunk, "predicted_mb": p.predicted_peak_mb,
+            "checkpointing": p.checkpointing, "keep_rebuilt": p.keep_rebuilt, "predicted_mb": p.predicted_peak_mb,
             "budget_mb": p.budget_mb, "runtime_mb": p.memory_mb["runtime"]}

@@ -16,10 +16,10 @@ with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
           (grouped-query: H / H_kv query heads share one key/value head)
     mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)
     LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
-The loss (mean next-token cross-entropy over unmasked labels) runs over chunks of `loss_chunk` positions
-(LOSS_CHUNK unless the memory plan asks for fewer), so the [B T, V] float32 logits never exist at
-once; with checkpointing each chunk's logits
-are recomputed in backward, as each layer's activations are. Supported configs: Llama with SiLU, no
+The loss (mean next-token cross-entropy over unmasked labels) never holds the [B T, V] float32 logits:
+with checkpointing or a bf16 / int8 head it streams the head over vocabulary slices
+(`lowmem.head_loss`: the head rebuilt twice a micro-batch, nothing recomputed per chunk); otherwise
+(the fp32 phone plan) it runs over chunks of LOSS_CHUNK positions. Supported configs: Llama with SiLU, no
 biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
 
 Activations are float32 whatever the weights are stored in (fp32, bf16, int8): bf16 and int8 weights
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketfed.device.lowmem import INT8_MODULES, Precision, cast_linears, fill, quantize_linears
+from pocketfed.device.lowmem import INT8_MODULES, KEEP_REBUILT, Precision, cast_linears, fill, head_loss, quantize_linears
 from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
 from pocketfed.model.depth import adapted_layers
@@ -75,19 +75,24 @@ class LeanConfig(ModelShape):
         return LeanConfig(**dataclasses.asdict(shape), eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=float(rope["rope_theta"]))
 
 
-def checkpoint(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+def checkpoint(fn: Callable[..., torch.Tensor], *args: Any, keep_rebuilt: bool = False) -> torch.Tensor:
     """fn(*args), keeping none of the tensors fn's backward needs: the first time backward asks for
     one, fn runs again (same inputs, grad on) and its saved tensors, in the same order, answer; each
     is dropped once used. The non-reentrant scheme of torch.utils.checkpoint(use_reentrant=False),
-    written out because that function reads torch._dynamo's config, whose import costs +80 MB RSS."""
+    written out because that function reads torch._dynamo's config, whose import costs +80 MB RSS.
+    keep_rebuilt: the run again keeps the weights it rebuilds for the backward (lowmem.KEEP_REBUILT)."""
     saved: list[torch.Tensor | None] = []
     count = itertools.count()
 
     def unpack(i: int) -> torch.Tensor:
         if not saved:
             again = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.append, lambda _: None):
-                fn(*again)
+            keep = KEEP_REBUILT.set(keep_rebuilt)  # backward follows at once: rebuilt weights may wait for it
+            try:
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(saved.append, lambda _: None):
+                    fn(*again)
+            finally:
+                KEEP_REBUILT.reset(keep)
         t, saved[i] = saved[i], None
         assert t is not None, "a checkpointed tensor was asked for twice (backward with retain_graph?)"
         return t
@@ -167,6 +172,7 @@ class LeanLlama(nn.Module):
     def __init__(self, c: LeanConfig):
         super().__init__()
         self.config, self.checkpointing, self.loss_chunk = c, False, LOSS_CHUNK
+        self.keep_rebuilt = False  # under checkpointing: see lowmem.KEEP_REBUILT (the plan's keep_rebuilt)
         self.frozen_below = 0  # layers [0, frozen_below) carry no LoRA: run without a graph (attach_lora sets it)
         self.model, self.lm_head = Decoder(c), nn.Linear(c.hidden, c.vocab, bias=False)
 
@@ -187,7 +193,7 @@ class LeanLlama(nn.Module):
                 x = layer(x, cos, sin, attn)
         for layer in self.model.layers[self.frozen_below :]:
             if self.checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, attn)
+                x = checkpoint(layer, x, cos, sin, attn, keep_rebuilt=self.keep_rebuilt)
             else:
                 x = layer(x, cos, sin, attn)
         return self.model.norm(x)
@@ -202,6 +208,12 @@ class LeanLlama(nn.Module):
         right_padded = bool((mask.int().cummin(dim=1).values == mask.int()).all())
         h = self.hidden(ids, None if right_padded else mask)[:, :-1].reshape(-1, self.config.hidden)  # [N, h], N = B (T-1)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1)  # [N]
+        head = self.lm_head
+        if (self.checkpointing or head.weight.dtype != h.dtype) and head.bias is None and not head.weight.requires_grad:
+            # streamed over the vocabulary (lowmem.head_loss): the head rebuilt twice a micro-batch
+            # instead of 3 times per chunk of positions. Measured (device.fit, watch plan, 2 threads):
+            # 64 -> 72 tokens/s, same loss to the last digit
+            return head_loss(h, labels, head.weight) / (labels != -100).sum()
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.loss_chunk):
             args = (h[s : s + self.loss_chunk], labels[s : s + self.loss_chunk])

@@ -27,9 +27,11 @@ torch supports. The transformers model of `load_frozen` keeps computing in its s
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import enum
 import json
+import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,18 +70,30 @@ def _weight(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
     return stored.to(dtype).mul_(scale.to(dtype)[:, None])
 
 
+# Set while a checkpointed block runs again for its backward (leanmodel.checkpoint): its rebuilt
+# weights are then kept for that backward, which follows at once, instead of rebuilt a third time.
+KEEP_REBUILT: contextvars.ContextVar[bool] = contextvars.ContextVar("keep_rebuilt", default=False)
+
+
 class _FrozenLinear(torch.autograd.Function):
     """y = x W^T + b, W = scale[:, None] * Q (int8) or the stored weight (scale None), in x's dtype.
     W is rebuilt SLICE_ROWS output rows at a time in forward and again in backward, never saved:
-        y[..., s] = x W[s]^T        dL/dx = sum_s dL/dy[..., s] W[s]"""
+        y[..., s] = x W[s]^T        dL/dx = sum_s dL/dy[..., s] W[s]
+    except under KEEP_REBUILT (a checkpoint's recompute), where a W of one slice is saved as rebuilt:
+    one decoder layer's linears in float32 (14 MB for SmolLM2) live from its recompute to its backward."""
 
     @staticmethod
     def forward(ctx, x, stored, scale, bias):  # type: ignore[override]
-        ctx.save_for_backward(stored, scale)
         rows = stored.shape[0]
-        ys = [F.linear(x, _weight(stored[r : r + SLICE_ROWS], None if scale is None else scale[r : r + SLICE_ROWS], x.dtype))
-              for r in range(0, rows, SLICE_ROWS)]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [..., out]
+        if KEEP_REBUILT.get() and rows <= SLICE_ROWS and (scale is not None or stored.dtype != x.dtype):
+            w = _weight(stored, scale, x.dtype)
+            ctx.save_for_backward(w, scale)  # as many tensors, in the same order, as the first pass saved
+            y = F.linear(x, w)
+        else:
+            ctx.save_for_backward(stored, scale)
+            ys = [F.linear(x, _weight(stored[r : r + SLICE_ROWS], None if scale is None else scale[r : r + SLICE_ROWS], x.dtype))
+                  for r in range(0, rows, SLICE_ROWS)]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)  # [..., out]
         return y if bias is None else y + bias.to(y.dtype)
 
     @staticmethod
@@ -87,12 +101,63 @@ class _FrozenLinear(torch.autograd.Function):
         stored, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
+        if stored.dtype == grad.dtype:  # the weight as computed with: saved rebuilt (a recompute's), or stored so
+            return grad @ stored, None, None, None
         gx = None
         for r in range(0, stored.shape[0], SLICE_ROWS):
             w = _weight(stored[r : r + SLICE_ROWS], None if scale is None else scale[r : r + SLICE_ROWS], grad.dtype)
             part = grad[..., r : r + SLICE_ROWS] @ w  # [..., n] @ [n, in] -> [..., in]
             gx = part if gx is None else gx.add_(part)
         return gx, None, None, None
+
+
+class _HeadLoss(torch.autograd.Function):
+    """sum_i CE(h_i W^T, label_i) over the labels != -100, W a frozen head [V, h] (any storage),
+    streamed over SLICE_ROWS vocabulary rows: no [N, V] logits and W rebuilt once in forward, once in
+    backward. Forward keeps a running log-sum-exp per position (m = max so far, s = sum exp(z - m)):
+        lse_i = m_i + log s_i,   loss = sum_i (lse_i - z_i[label_i])
+    Backward recomputes each slice's logits: dL/dh_i = g sum_v (softmax_iv - [v = label_i]) W_v.
+    Saved: h and lse (N floats), so the caller needs no checkpoint around it."""
+
+    @staticmethod
+    def forward(ctx, h, labels, weight):  # type: ignore[override]
+        n, vocab = h.shape[0], weight.shape[0]
+        m = h.new_full((n,), -math.inf)
+        s = h.new_zeros(n)
+        target = h.new_zeros(n)
+        valid = labels != -100
+        rows = torch.arange(n)
+        for r in range(0, vocab, SLICE_ROWS):
+            z = h @ _weight(weight[r : r + SLICE_ROWS], None, h.dtype).T  # [N, S]
+            top = torch.maximum(m, z.max(dim=1).values)
+            s = s * torch.exp(m - top) + torch.exp(z - top[:, None]).sum(dim=1)
+            m = top
+            inside = valid & (labels >= r) & (labels < r + z.shape[1])
+            target[inside] = z[rows[inside], labels[inside] - r]
+        lse = m + torch.log(s)
+        ctx.save_for_backward(h, labels, weight, lse)
+        return ((lse - target) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        h, labels, weight, lse = ctx.saved_tensors
+        coef = g * (labels != -100).to(h.dtype)  # [N]
+        rows = torch.arange(h.shape[0])
+        gh = torch.zeros_like(h)
+        for r in range(0, weight.shape[0], SLICE_ROWS):
+            w = _weight(weight[r : r + SLICE_ROWS], None, h.dtype)
+            p = torch.exp((h @ w.T).sub_(lse[:, None])).mul_(coef[:, None])  # softmax slice, scaled
+            inside = (labels >= r) & (labels < r + w.shape[0])
+            p[rows[inside], labels[inside] - r] -= coef[inside]
+            gh.addmm_(p, w)
+        return gh, None, None
+
+
+def head_loss(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of h [N, hidden] against a frozen head `weight` [V, hidden]
+    stored in any float dtype, label -100 ignored (as F.cross_entropy(..., reduction="sum")); see
+    _HeadLoss. Computed in h's dtype."""
+    return _HeadLoss.apply(h, labels, weight)
 
 
 class Int8Linear(nn.Linear):

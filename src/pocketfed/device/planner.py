@@ -27,10 +27,14 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  keeps its input and one layer is live at a time:  L_a x b T h e  +  one layer as above.
                  L_a = lora.layers (0: all L): the frozen layers below run without a graph and keep
                  nothing (sparse back-propagation, pocketfed.model.depth)
-    logits       the loss runs over chunks of C positions (the plan's loss_chunk, leanmodel.LOSS_CHUNK
-                 unless memory is short): one live chunk
-                 C V (e + 24) (logits, their float copy, log-softmax, gradients), plus, without
-                 checkpointing, the float32 log-probabilities of every position: b T V 4
+    logits       on the lean backend with checkpointing or a bf16 / int8 head, the loss streams the
+                 head over SLICE_ROWS vocabulary rows (leanmodel.head_loss): one slice's logits, their
+                 exponentials and gradients live, b T S 12 (S = min(SLICE_ROWS, V)); with the plan's
+                 keep_rebuilt, one layer's linears rebuilt in float32 (4 x its weights) stay from its
+                 recompute to its backward (counted in weights). Otherwise the loss runs over chunks of C = LOSS_CHUNK
+                 positions: one live chunk C V (e + 24) (logits, their float copy, log-softmax,
+                 gradients), plus, without checkpointing, the float32 log-probabilities of every
+                 position: b T V 4
     margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data); 8 MB for a
                  process whose runtime was measured after a warm-up step (`task.warm_up`): the
                  kernels are in the runtime already
@@ -43,10 +47,12 @@ upper bound: measured / predicted was 0.84-0.96 over fp32, bf16 and int8, with a
 checkpointing, micro-batches 1-4, sequences 32-128.
 
 Search (the first plan that fits wins; each move costs a little more time or quality than the
-last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on -> bf16 base ->
-int8 base -> loss chunks of 16, then 8 positions (more, smaller passes over the head: a little
-time, no quality) -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank)
-before any of this. Nothing fits -> UserError naming the profile, the budget and the smallest plan.
+last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on, micro-batch again
+from the largest -> bf16 base -> int8 base (each from the largest micro-batch, each micro-batch first
+keeping a recompute's rebuilt weights for its backward, then not) -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank) before any of this. Nothing fits ->
+UserError naming the profile, the budget and the smallest plan. Measured (bench_depth, SmolLM2-135M,
+watch profile: int8 base, checkpointing, 2 threads, device.fit): keeping the rebuilt weights 72 -> 81
+tokens/s at micro-batch 1, micro-batch 2 88.
 """
 
 from __future__ import annotations
@@ -67,7 +73,6 @@ from pocketfed.model.depth import adapted_layers
 
 MB = 1 << 20
 MIN_SEQ = 32
-SMALL_LOSS_CHUNKS = (16, 8)
 MARGIN, MARGIN_MB, WARM_MARGIN_MB = 1.10, 32.0, 8.0
 RUNTIME_MB = 225.0
 PEFT_IMPORTS_MB = 155.0  # transformers' Llama modeling + PEFT on top of torch (VmHWM; see leanmodel's docstring)
@@ -103,8 +108,8 @@ class Plan:
     memory_mb: dict[str, float]  # weights, adapter, activations, logits, runtime, predicted_peak (whole process)
     budget_mb: float
     backend: Backend = Backend.lean
-    loss_chunk: int = LOSS_CHUNK  # positions per chunk of the lean model's loss
     layers: int = 0  # LoRA on the top `layers` decoder layers (0 = all): lora.layers
+    keep_rebuilt: bool = False  # checkpointing, bf16 / int8, lean: a recompute's rebuilt weights kept for its backward
 
     @property
     def predicted_peak_mb(self) -> float:
@@ -124,8 +129,8 @@ class Plan:
 
 def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list[str] | tuple[str, ...],
                micro_batch: int, seq_len: int, checkpointing: bool, runtime_mb: float = RUNTIME_MB,
-               loss_chunk: int = LOSS_CHUNK, warmed: bool = False, layers: int = 0,
-               backend: Backend = Backend.lean) -> dict[str, float]:
+               warmed: bool = False, layers: int = 0,
+               backend: Backend = Backend.lean, keep_rebuilt: bool = False) -> dict[str, float]:
     """The predicted peak RSS of the process running one training round, in MB, by part (see the module docstring)."""
     e = 4 if precision is Precision.fp32 or backend is Backend.lean else 2
     if precision is Precision.fp32:
@@ -137,6 +142,8 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
         weights = shape.linear_params + 4 * int8_rows + 2 * shape.other_params
     if precision is not Precision.fp32 and backend is Backend.lean:
         weights += 4 * shape.hidden * max(SLICE_ROWS, *(out for _, out in shape.module_dims().values()))
+        if checkpointing and keep_rebuilt:  # one layer's linears, rebuilt in its recompute, kept for its backward
+            weights += 4 * (shape.linear_params // shape.layers)
     adapter = 16 * shape.lora_params(rank, list(targets), layers)
     b, t, h = micro_batch, seq_len, shape.hidden
     q, kv, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
@@ -144,29 +151,29 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
     kept = shape.adapted(layers)  # layers that keep activations for backward
     activations = (kept * b * t * h * e + layer) if checkpointing else kept * layer
-    logits = loss_chunk * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
+    if backend is Backend.lean and (checkpointing or precision is not Precision.fp32):  # leanmodel.head_loss
+        logits = b * t * min(SLICE_ROWS, shape.vocab) * 12
+    else:
+        logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}
     parts["predicted_peak"] = runtime_mb + MARGIN * sum(parts.values()) + (WARM_MARGIN_MB if warmed else MARGIN_MB)
     parts["runtime"] = runtime_mb
     return {k: round(v, 1) for k, v in parts.items()}
 
 
-def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision, int, int]]:
-    """(micro_batch, checkpointing, precision, seq_len, loss_chunk) in the order the planner tries them."""
-    out: list[tuple[int, bool, Precision, int, int]] = []
+def candidates(batch_size: int, seq_len: int) -> list[tuple[int, bool, Precision, int, bool]]:
+    """(micro_batch, checkpointing, precision, seq_len, keep_rebuilt) in the order the planner tries them."""
     micro = [batch_size]
     while micro[-1] > 1:
         micro.append(max(1, micro[-1] // 2))
-    for m in micro:
-        out.append((m, False, Precision.fp32, seq_len, LOSS_CHUNK))
+    out = [(m, False, Precision.fp32, seq_len, False) for m in micro]
     for prec in Precision:
-        out.append((1, True, prec, seq_len, LOSS_CHUNK))
-    for chunk in SMALL_LOSS_CHUNKS:
-        out.append((1, True, Precision.int8, seq_len, chunk))
+        for m in micro:
+            out += [(m, True, prec, seq_len, keep) for keep in ((False,) if prec is Precision.fp32 else (True, False))]
     t = seq_len
     while t // 2 >= MIN_SEQ:
         t //= 2
-        out.append((1, True, Precision.int8, t, SMALL_LOSS_CHUNKS[-1]))
+        out.append((1, True, Precision.int8, t, False))
     return out
 
 
@@ -186,12 +193,11 @@ def make_plan(shape: ModelShape, profile: DeviceProfile, lora: LoraConfig, train
         raise UserError(f"lora.target_modules {unknown} are not linears of {model_name}; "
                         f"valid: {', '.join(shape.module_dims())}")
     last: Plan | None = None
-    for micro, ckpt, prec, t, chunk in candidates(train.batch_size, seq_len):
-        if backend is Backend.peft and chunk != LOSS_CHUNK:  # transformers' loss is not chunked
-            continue
-        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, chunk, warmed, lora.layers, backend)
+    for micro, ckpt, prec, t, keep in candidates(train.batch_size, seq_len):
+        keep = keep and backend is Backend.lean
+        mem = predict_mb(shape, prec, rank, targets, micro, t, ckpt, runtime_mb, warmed, lora.layers, backend, keep)
         last = Plan(profile.name, prec, rank, targets, micro, train.batch_size // micro if micro else 1, t, ckpt,
-                    mem, profile.train_memory_mb, backend, chunk, lora.layers)
+                    mem, profile.train_memory_mb, backend, lora.layers, keep)
         if train.batch_size % micro:  # accumulation must cover the batch exactly
             continue
         if mem["predicted_peak"] <= profile.train_memory_mb:

@@ -114,7 +114,7 @@ def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float
                           layers=plan.layers)
         return wrap_peft(lora.attach(base, lcfg, seed), plan.micro_batch)
     lean = leanmodel.load(folder, plan.precision)
-    lean.checkpointing, lean.loss_chunk = plan.checkpointing, plan.loss_chunk
+    lean.checkpointing, lean.keep_rebuilt = plan.checkpointing, plan.keep_rebuilt
     leanmodel.attach_lora(lean, plan.rank, alpha, plan.target_modules, seed, dropout, plan.layers)
     params = {leanmodel.PEFT_PREFIX + n: p for n, p in lean.named_parameters() if p.requires_grad}
     return DeviceModel(lean, Backend.lean, params, lean.loss, plan.micro_batch)
@@ -142,7 +142,7 @@ def warm_up(targets: tuple[str, ...]) -> None:
         g = torch.Generator().manual_seed(0)
         save_file({k: torch.rand(tuple(v.shape), generator=g) * 0.1 for k, v in shapes.items()}, folder / "model.safetensors")
         ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))  # [B=2, T=8]
-        plan = Plan("warm-up", Precision.int8, 2, targets, 1, 2, 8, True, {}, math.inf, Backend.lean, loss_chunk=4)
+        plan = Plan("warm-up", Precision.int8, 2, targets, 1, 2, 8, True, {}, math.inf, Backend.lean, keep_rebuilt=True)
         train(load_model(folder, plan, 4.0, seed=0), Blocks(ids, torch.ones_like(ids, dtype=torch.bool)),
               TrainConfig(steps=1, batch_size=2), seed=0)
 
