@@ -59,6 +59,23 @@ class _Vocab:
         ids = {t: i for i, t in enumerate(texts)}
         # [vocab] id of " " + text (the same letters as a new word), or -1
         self.spaced = np.array([ids.get(" " + t, -1) if c else -1 for t, c in zip(texts, self.continues)])
+        # what each decode step reads, indexed once here (a step's numpy work: ~0.5 ms less than masks)
+        self.enders = np.flatnonzero(~self.continues)  # tokens after which a word has ended
+        self.cont_ids = np.flatnonzero(self.continues)  # continuation tokens
+        self.cont_spaced = self.spaced[self.cont_ids]  # their spaced twins, or -1
+        self._order = np.argsort(self.lower, kind="stable")  # for `agreeing`: binary search, not a scan
+        self._sorted = self.lower[self._order]
+
+    def agreeing(self, typed: str) -> np.ndarray:
+        """[vocab] bool: the token's word (lowercase) extends `typed`, or is a prefix of it. By binary
+        search in the sorted words: a keystroke's ~3 ms of string scans over the vocabulary become ~0.1."""
+        out = np.zeros(len(self.lower), dtype=bool)
+        bounds = [(typed, typed + "\U0010ffff")] + [(typed[:i], typed[:i]) for i in range(1, len(typed))]
+        for low, high in bounds:  # words in [low, high]: extensions of typed, then each shorter prefix exactly
+            lo = np.searchsorted(self._sorted, low, side="left")
+            hi = np.searchsorted(self._sorted, high, side="right")
+            out[self._order[lo:hi]] = True
+        return out
 
 
 def _wordish(s: str) -> bool:
@@ -71,12 +88,6 @@ def _is_word_start(text: str) -> bool:
 
 def _is_continuation(text: str) -> bool:
     return not text[:1].isspace() and _wordish(text) and text[0] not in "-"
-
-
-def _agrees(word: np.ndarray, typed: str) -> np.ndarray:
-    """word[i] extends `typed`, or is a prefix of it (elementwise, lowercase)."""
-    prefixes = [typed[:i] for i in range(1, len(typed) + 1)]
-    return np.char.startswith(word, typed) | np.isin(word, prefixes)
 
 
 def _split(prefix: str) -> tuple[str, str]:
@@ -111,9 +122,8 @@ def suggest(model: LoadedModel, prefix: str, k: int = 3, session: Session | None
     logp = _log_softmax(session.feed(ctx))
     mask = vocab.starts.copy()
     if typed:
-        mask[mask] = _agrees(vocab.lower[mask], typed_lower)
-    starts = np.flatnonzero(mask)
-    starts = starts[np.argsort(-logp[starts])[:POOL]]
+        mask &= vocab.agreeing(typed_lower)
+    starts = _top(np.flatnonzero(mask), logp, POOL)
     # entries: (-log P, tie-break, token ids, word, finished)
     frontier: list[tuple[float, int, tuple[int, ...], str, bool]] = [
         (-float(logp[t]), i, (int(t),), vocab.texts[int(t)].strip(), False) for i, t in enumerate(starts)
@@ -143,23 +153,31 @@ def suggest(model: LoadedModel, prefix: str, k: int = 3, session: Session | None
             continue
         steps += 1
         nxt = _log_softmax(session.feed(ctx + list(seq)))
-        p_end = float(np.exp(nxt)[~vocab.continues].sum())
+        p_end = float(np.exp(nxt[vocab.enders]).sum())
         if covers:
             heapq.heappush(frontier, (cost - np.log(max(p_end, 1e-30)), tie, seq, word, True))
             tie += 1
         if len(seq) == MAX_WORD_TOKENS or (p_end > 0.5 and covers):
             continue
-        allowed = vocab.continues.copy()
+        cont, twin = vocab.cont_ids, vocab.cont_spaced
         if len(word) < len(typed):  # still inside the typed part: only agreeing tokens
-            allowed[allowed] = _agrees(vocab.lower[allowed], typed_lower[len(word):])
+            keep = vocab.agreeing(typed_lower[len(word):])[cont]
+            cont, twin = cont[keep], twin[keep]
         # a continuation the model likes less than the same letters as a new word glues two words
         # together ("yonder" + "window"): not a word
-        glued = (vocab.spaced >= 0) & (nxt[np.maximum(vocab.spaced, 0)] > nxt)
-        cont = np.flatnonzero(allowed & ~glued)
-        for t in cont[np.argsort(-nxt[cont])[:BRANCH]]:
+        cont = cont[(twin < 0) | (nxt[np.maximum(twin, 0)] <= nxt[cont])]
+        for t in _top(cont, nxt, BRANCH):
             heapq.heappush(frontier, (cost - float(nxt[t]), tie, seq + (int(t),), word + vocab.texts[int(t)], False))
             tie += 1
     return words
+
+
+def _top(ids: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """The k of `ids` with the highest `score`, best first (ties: lower position in ids first)."""
+    if len(ids) > k:
+        ids = ids[np.argpartition(-score[ids], k - 1)[:k]]
+        ids = np.sort(ids)  # positions in ids are ascending token ids: ties keep that order below
+    return ids[np.argsort(-score[ids], kind="stable")]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

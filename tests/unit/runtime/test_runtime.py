@@ -115,6 +115,20 @@ def test_suggest_whole_words_not_subword_tokens(int4):
         assert not vocab.continues[nxt], (w, int4.token_text()[nxt])
 
 
+def test_vocab_finds_the_words_that_agree_with_what_is_typed():
+    """`agreeing` (binary search in the sorted words) against its definition, by hand: a token's
+    lowercase word extends the typed letters, or is a non-empty prefix of them."""
+    from pocketfed.runtime.suggest import _Vocab
+
+    texts = [" to", " Tomorrow", "t", " t", "o", " top", "-", " b", "ab", " TOP", " toe's", ",", " tox", "to"]
+    vocab = _Vocab(texts)
+    hits = {t for t, ok in zip(texts, vocab.agreeing("to")) if ok}
+    assert hits == {" to", " Tomorrow", "t", " t", " top", " TOP", " toe's", " tox", "to"}
+    assert {t for t, ok in zip(texts, vocab.agreeing("tom")) if ok} == {" to", " Tomorrow", "t", " t", "to"}
+    assert {t for t, ok in zip(texts, vocab.agreeing("tomorrowland")) if ok} == {" to", " Tomorrow", "t", " t", "to"}
+    assert not vocab.agreeing("z").any()
+
+
 def test_load_refuses_bad_folders(pf, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load(tmp_path / "nope")
