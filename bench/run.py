@@ -127,17 +127,26 @@ direct figure to compare with. Until 2026-11-28 the app added a constant 44 ms t
 Nagle's algorithm on and each response's body waited for the client's delayed ACK; the socket now
 names IPPROTO_TCP (tests/unit/app/test_app_cli.py checks an accepted connection has TCP_NODELAY).""",
     "bench_decode": """\
-Against issue 17's goals (2026-11-28, the table above): idle, onnx-int4 decodes 163.6 / 126.2 tok/s
-at 128 / 1,024 tokens of context (goal >= 120 at 1,024: met), 1.03x / 1.05x llama.cpp on the shipped
-Q4_1 file and 0.89x / 1.00x on our gguf-q4_0 export (goal 1.3x: not met); suggestion p95 28.5 ms
-(goal 20 ms: not met; llama.cpp on our export 23.2 ms through the same `suggest`). With one core
-busy, `runtime.load` picks 2 sleeping threads: 119 / 87.5 tok/s, 0.66x llama.cpp at 1 thread
-(goal 1.0x: not met). The gap is per core: llama.cpp's single thread decodes 180 tok/s on our
-export whether the other core is idle or busy, ORT's single thread ~99 (bench_runtime's 1-thread
-row), so ORT needs both cores to keep up and loses as soon as one is taken. Closing it needs a
-faster single-threaded int4 path in ORT (MatMulNBits at accuracy level 4 with our extra LoRA / offset
-columns, the Q8 lm_head) or fewer nodes per token; not done. llama.cpp's 2-thread rows under load
-show why it defaults to cpu_count // 2 threads: its spinning workers collapse (p95 198-219 ms).""",
+Against issue 17's goals (2026-11-28, the table above, taken at a noisy hour of this shared VM):
+idle, onnx-int4 decodes 171.2 / 123.9 tok/s at 128 / 1,024 tokens of context (goal >= 120 at 1,024:
+met), 1.06x / 1.01x llama.cpp on the shipped Q4_1 file and 0.85x / 0.88x on our gguf-q4_0 export
+(goal 1.3x: not met); suggestion p50 18.6 ms, p95 27.0 (goal p95 20 ms: not met; llama.cpp on our
+export 24.4 ms through the same `suggest`). With one core busy the runtime now takes one thread:
+136 / 92.3 tok/s, 0.68x / 0.72x llama.cpp's single thread on our export, 1.04x / 0.96x on the Q4_1
+file (goal 1.0x: met against the shipped file only). An earlier run the same afternoon, quieter,
+with huge pages but two sleeping threads under load, read 201.2 / 136.9 idle (0.94x / 0.97x our
+export) and 130.3 / 95.7 loaded. What changed today, each measured in runtime/model.py's docstring
+with interleaved runs: huge pages for the prepacked weights and the KV cache (+8% / +12% decode);
+one thread instead of two sleeping ones when a core is busy (138 vs 124 tok/s at 128); suggest's
+Python share 2.1 -> 0.65 ms a call; a Session memo of its last 8 sequences' logits. A suggestion
+still costs 4 decode steps after a new word (the context token, then the end-of-word check of
+each of the 3 words shown: ~5.5 ms each), so 20 ms at p95 needs ~4.5 ms a step. The remaining gap
+is per core: at 1 thread ORT's MatMulNBits runs ~5 ms of a ~7 ms step (the Q8 lm_head alone
+1.5 ms), where llama.cpp's whole step is ~5 ms; memory bandwidth is not the limit (~15 GB/s used of
+the 38 one core streams). Tried and dropped: gate/up fused into one MatMulNBits (no gain; MLAS ran a
+3072-row matmul slower than two of 1536), K padded to whole blocks (no gain), an fp16 KV cache
+(ORT's CPU attention converts it every step: 141 / 71 tok/s). llama.cpp's 2-thread rows under load
+show why it defaults to cpu_count // 2 threads: its spinning workers collapse (p95 207-225 ms).""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an
