@@ -125,7 +125,12 @@ when typing pauses for 120 ms. On an idle machine the runtime section's `suggest
 direct figure to compare with. Until 2026-11-28 the app added a constant 44 ms to every request
 (p95 79.3 ms against 31.7 direct): its listening socket was made with proto 0, so asyncio left
 Nagle's algorithm on and each response's body waited for the client's delayed ACK; the socket now
-names IPPROTO_TCP (tests/unit/app/test_app_cli.py checks an accepted connection has TCP_NODELAY).""",
+names IPPROTO_TCP (tests/unit/app/test_app_cli.py checks an accepted connection has TCP_NODELAY).
+The run of 2026-11-28 15:xx read words p50 23.3 / p95 28.5 and keystrokes p50 30.7 / p95 69.2; the
+evening's, after the runtime's huge pages, its memo of recent sequences (a keystroke within a word
+asks again about the same text before it: no model step) and suggest's trimmed numpy work, read
+keystrokes p50 19.0 / p95 50.9 and words p50 20.9 / p95 36.8 (load 1.4-1.5: its words p95 is 1.45x
+the direct call's 25.4 in the same run, where the earlier run's was 1.17x).""",
     "bench_decode": """\
 Against issue 17's goals (2026-11-28, the table above, taken at a noisy hour of this shared VM):
 idle, onnx-int4 decodes 171.2 / 123.9 tok/s at 128 / 1,024 tokens of context (goal >= 120 at 1,024:
@@ -155,9 +160,11 @@ without the adapter (the reference the issue's ~150 tok/s was measured on).
 
 Threads: "1" is one ORT thread; "2, sleeping" and "2, spinning" are two threads whose idle worker
 sleeps between parallel sections or spins (ORT's `session.intra_op.allow_spinning`).
-`pocketfed.runtime.load` chooses: 2 threads on a 2-core device, spinning only when a core is free
-at start-up (spinning wins by 60% on an idle CPU and loses by 40% when another process holds a
-core; runtime/model.py's docstring). llama.cpp's own workers spin. Decode tok/s is 1 / the median
+`pocketfed.runtime.load` chooses: as many threads as there are free cores at start-up (at most 2),
+spinning when there are two (spinning wins by ~35% on an idle CPU and loses by half when another
+process holds a core, where one thread beats two sleeping ones; runtime/model.py's docstring).
+Since 2026-11-28 the runtime backs its weights and KV cache with huge pages (the 1-thread row:
+99.1 -> 127.3 tok/s at 128 tokens of context between this table's runs). llama.cpp's own workers spin. Decode tok/s is 1 / the median
 step time over 64 steps, for every runtime.
 
 Run-to-run spread, recorded on 2026-11-25 over three runs of this table on the 2-core machine:
