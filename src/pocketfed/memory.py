@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def _status_mb(field: str) -> float | None:
@@ -100,25 +100,34 @@ def release_shared_libraries() -> float:
     return _release_mappings(lambda mapped: ".so" in Path(mapped).name)
 
 
+def _mappings() -> Iterator[tuple[int, int, str, str, dict[str, int]]]:
+    """This process's mappings from /proc/self/smaps: (start, end, permissions, path or "[heap]" or
+    "", {field: kB}) each. Raises OSError where there is no /proc."""
+    with open("/proc/self/smaps") as f:
+        current: tuple[int, int, str, str, dict[str, int]] | None = None
+        for line in f:
+            head = line.split(maxsplit=5) or [""]
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                if current is not None:
+                    yield current
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = (start, end, head[1], head[5].strip() if len(head) == 6 else "", {})
+            elif current is not None and len(head) >= 2 and head[0].endswith(":") and head[1].isdigit():
+                current[4][head[0][:-1]] = int(head[1])
+        if current is not None:
+            yield current
+
+
 def _release_mappings(wanted: Callable[[str], bool]) -> float:
     """madvise(MADV_RANDOM) + madvise(MADV_DONTNEED) on each file mapping whose path is `wanted` and
     that holds no written (Anonymous) page; MB released. Linux only; elsewhere 0."""
     import ctypes
     import mmap
 
-    mappings: list[list[int]] = []  # [start, end, kB written: Anonymous, the private copies of written pages]
     try:
-        with open("/proc/self/smaps") as f:
-            current: list[int] | None = None
-            for line in f:
-                head = line.split(maxsplit=5) or [""]
-                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
-                    current = None
-                    if len(head) == 6 and head[5].strip().startswith("/") and wanted(head[5].strip()):
-                        current = [int(x, 16) for x in head[0].split("-")] + [0]
-                        mappings.append(current)
-                elif current is not None and head[0] == "Anonymous:":
-                    current[2] += int(head[1])
+        # [start, end, kB written: Anonymous, the private copies of written pages]
+        mappings = [(start, end, fields.get("Anonymous", 0)) for start, end, _, path, fields in _mappings()
+                    if path.startswith("/") and wanted(path)]
         madvise = ctypes.CDLL(None, use_errno=True).madvise
         advice = (mmap.MADV_RANDOM, mmap.MADV_DONTNEED)  # AttributeError where the platform has none
     except (OSError, AttributeError):
@@ -129,8 +138,6 @@ def _release_mappings(wanted: Callable[[str], bool]) -> float:
         for a in advice if not written else ():
             madvise(start, end - start, a)
     return max(0.0, before - rss_mb())
-
-
 
 
 MADV_COLLAPSE = 25  # Linux >= 6.1; Python's mmap module names it only from 3.13
@@ -162,21 +169,10 @@ def advise_huge_pages(populated: float = 0.9) -> float:
         huge = int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
         page = os.sysconf("SC_PAGE_SIZE")
         mappings = []  # aligned [start, end) of anonymous mappings not yet all in huge pages
-        with open("/proc/self/smaps") as f:
-            current: list[int] | None = None
-            for line in f:
-                fields = line.split(maxsplit=5) or [""]
-                if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's first line
-                    current = None
-                    name = fields[5].strip() if len(fields) == 6 else ""
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    start, end = -(-start // huge) * huge, end // huge * huge
-                    if fields[1] == "rw-p" and name in ("", "[heap]") and end > start:
-                        current = [start, end]
-                        mappings.append(current)
-                elif current is not None and fields[0] == "AnonHugePages:" and int(fields[1]) * 1024 >= current[1] - current[0]:
-                    mappings.remove(current)  # done already
-                    current = None
+        for start, end, perms, path, fields in _mappings():
+            start, end = -(-start // huge) * huge, end // huge * huge
+            if perms == "rw-p" and path in ("", "[heap]") and end > start and fields.get("AnonHugePages", 0) * 1024 < end - start:
+                mappings.append((start, end))
         pagemap = open("/proc/self/pagemap", "rb", buffering=0)
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, ValueError, AttributeError):
