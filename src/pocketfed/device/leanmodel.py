@@ -171,7 +171,7 @@ class LeanLlama(nn.Module):
 
     def __init__(self, c: LeanConfig):
         super().__init__()
-        self.config, self.checkpointing, self.loss_chunk = c, False, LOSS_CHUNK
+        self.config, self.checkpointing = c, False
         self.keep_rebuilt = False  # under checkpointing: see lowmem.KEEP_REBUILT (the plan's keep_rebuilt)
         self.frozen_below = 0  # layers [0, frozen_below) carry no LoRA: run without a graph (attach_lora sets it)
         self.model, self.lm_head = Decoder(c), nn.Linear(c.hidden, c.vocab, bias=False)
@@ -215,8 +215,8 @@ class LeanLlama(nn.Module):
             # 64 -> 72 tokens/s, same loss to the last digit
             return head_loss(h, labels, head.weight) / (labels != -100).sum()
         total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], self.loss_chunk):
-            args = (h[s : s + self.loss_chunk], labels[s : s + self.loss_chunk])
+        for s in range(0, h.shape[0], LOSS_CHUNK):
+            args = (h[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK])
             total = total + (checkpoint(self._chunk_loss, *args)
                              if self.checkpointing and self.training else self._chunk_loss(*args))
         return total / (labels != -100).sum()

@@ -28,13 +28,13 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  L_a = lora.layers (0: all L): the frozen layers below run without a graph and keep
                  nothing (sparse back-propagation, pocketfed.model.depth)
     logits       on the lean backend with checkpointing or a bf16 / int8 head, the loss streams the
-                 head over SLICE_ROWS vocabulary rows (leanmodel.head_loss): one slice's logits, their
+                 head over SLICE_ROWS vocabulary rows (lowmem.head_loss): one slice's logits, their
                  exponentials and gradients live, b T S 12 (S = min(SLICE_ROWS, V)); with the plan's
                  keep_rebuilt, one layer's linears rebuilt in float32 (4 x its weights) stay from its
-                 recompute to its backward (counted in weights). Otherwise the loss runs over chunks of C = LOSS_CHUNK
-                 positions: one live chunk C V (e + 24) (logits, their float copy, log-softmax,
-                 gradients), plus, without checkpointing, the float32 log-probabilities of every
-                 position: b T V 4
+                 recompute to its backward (counted in weights). Otherwise the loss runs over chunks
+                 of C = LOSS_CHUNK positions: one live chunk C V (e + 24) (logits, their float copy,
+                 log-softmax, gradients), plus, without checkpointing, the float32 log-probabilities
+                 of every position: b T V 4
     margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data); 8 MB for a
                  process whose runtime was measured after a warm-up step (`task.warm_up`): the
                  kernels are in the runtime already
@@ -48,11 +48,12 @@ checkpointing, micro-batches 1-4, sequences 32-128.
 
 Search (the first plan that fits wins; each move costs a little more time or quality than the
 last): halve the micro-batch (more accumulation) down to 1 -> checkpointing on, micro-batch again
-from the largest -> bf16 base -> int8 base (each from the largest micro-batch, each micro-batch first
-keeping a recompute's rebuilt weights for its backward, then not) -> halve the sequence down to 32. The rank is min(lora.rank, profile.max_rank) before any of this. Nothing fits ->
-UserError naming the profile, the budget and the smallest plan. Measured (bench_depth, SmolLM2-135M,
-watch profile: int8 base, checkpointing, 2 threads, device.fit): keeping the rebuilt weights 72 -> 81
-tokens/s at micro-batch 1, micro-batch 2 88.
+from the largest -> bf16 base -> int8 base (each from the largest micro-batch; under bf16 and int8
+each micro-batch first with keep_rebuilt, then without) -> halve the sequence down to 32. The rank
+is min(lora.rank, profile.max_rank) before any of this. Nothing fits -> UserError naming the
+profile, the budget and the smallest plan. Measured on SmolLM2-135M's watch plan (int8 base,
+checkpointing, 2 threads, `python -m pocketfed.device.fit`): keep_rebuilt 72 -> 81-86 tokens/s at
+micro-batch 1; micro-batch 2 with it, 90 (bench_depth).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
     kept = shape.adapted(layers)  # layers that keep activations for backward
     activations = (kept * b * t * h * e + layer) if checkpointing else kept * layer
-    if backend is Backend.lean and (checkpointing or precision is not Precision.fp32):  # leanmodel.head_loss
+    if backend is Backend.lean and (checkpointing or precision is not Precision.fp32):  # lowmem.head_loss
         logits = b * t * min(SLICE_ROWS, shape.vocab) * 12
     else:
         logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
