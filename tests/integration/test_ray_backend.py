@@ -42,8 +42,9 @@ def test_ray_equals_inprocess(tmp_path):
     (a, ra), (b, rb) = runs["inprocess"], runs["ray"]
     assert set(a) == set(b)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    for k in a:  # workers train the lean model, in-process transformers + PEFT: the same maths, rounded
+        # otherwise (the lean loss's running log-sum-exp), which Adam magnifies where a gradient is near 0
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
     assert [r["devices"] for r in ra.history] == [r["devices"] for r in rb.history]
     assert all(r["dropouts"] == 0 for r in rb.history)
     assert rb.summary["federated"]["perplexity"] == pytest.approx(ra.summary["federated"]["perplexity"], rel=1e-5)

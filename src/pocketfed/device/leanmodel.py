@@ -16,10 +16,10 @@ with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
           (grouped-query: H / H_kv query heads share one key/value head)
     mlp(x) = down(silu(gate(x)) * up(x));  rms(x) = w * x / sqrt(mean(x^2) + eps)
     LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
-The loss (mean next-token cross-entropy over unmasked labels) never holds the [B T, V] float32 logits:
-with checkpointing or a bf16 / int8 head it streams the head over vocabulary slices
-(`lowmem.head_loss`: the head rebuilt twice a micro-batch, nothing recomputed per chunk); otherwise
-(the fp32 phone plan) it runs over chunks of LOSS_CHUNK positions. Supported configs: Llama with SiLU, no
+The loss (mean next-token cross-entropy over unmasked labels) streams the head over vocabulary
+slices (`lowmem.head_loss`): the head read, or rebuilt from bf16, twice a micro-batch; the logits
+are kept for backward without checkpointing and recomputed slice by slice with it. (A head with a
+bias or trained weights falls back to chunks of LOSS_CHUNK positions.) Supported configs: Llama with SiLU, no
 biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
 
 Activations are float32 whatever the weights are stored in (fp32, bf16, int8): bf16 and int8 weights
@@ -209,11 +209,13 @@ class LeanLlama(nn.Module):
         h = self.hidden(ids, None if right_padded else mask)[:, :-1].reshape(-1, self.config.hidden)  # [N, h], N = B (T-1)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1)  # [N]
         head = self.lm_head
-        if (self.checkpointing or head.weight.dtype != h.dtype) and head.bias is None and not head.weight.requires_grad:
-            # streamed over the vocabulary (lowmem.head_loss): the head rebuilt twice a micro-batch
-            # instead of 3 times per chunk of positions. Measured (device.fit, watch plan, 2 threads):
-            # 64 -> 72 tokens/s, same loss to the last digit
-            return head_loss(h, labels, head.weight) / (labels != -100).sum()
+        if head.bias is None and not head.weight.requires_grad:
+            # streamed over the vocabulary (lowmem.head_loss): the head read (and, stored narrower,
+            # rebuilt) twice a micro-batch instead of 2-3 times per chunk of 32 positions. Measured
+            # (device.fit): watch plan, 2 threads, 64 -> 72 tokens/s; plain fp32 demo round,
+            # 1 thread, 0.95x -> 1.02x transformers + PEFT's speed; the same losses
+            keep = torch.is_grad_enabled() and not (self.checkpointing and self.training)
+            return head_loss(h, labels, head.weight, keep_logits=keep) / (labels != -100).sum()
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], LOSS_CHUNK):
             args = (h[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK])

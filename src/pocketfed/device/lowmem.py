@@ -113,51 +113,58 @@ class _FrozenLinear(torch.autograd.Function):
 
 class _HeadLoss(torch.autograd.Function):
     """sum_i CE(h_i W^T, label_i) over the labels != -100, W a frozen head [V, h] (any storage),
-    streamed over SLICE_ROWS vocabulary rows: no [N, V] logits and W rebuilt once in forward, once in
-    backward. Forward keeps a running log-sum-exp per position (m = max so far, s = sum exp(z - m)):
+    streamed over SLICE_ROWS vocabulary rows: W rebuilt once in forward, once in backward, and one
+    matrix product per slice each way (one big product each way, as transformers' loss does, but
+    reading W twice instead of twice per chunk of positions). Forward keeps a running log-sum-exp
+    per position (m = max so far, s = sum exp(z - m)):
         lse_i = m_i + log s_i,   loss = sum_i (lse_i - z_i[label_i])
-    Backward recomputes each slice's logits: dL/dh_i = g sum_v (softmax_iv - [v = label_i]) W_v.
-    Saved: h and lse (N floats), so the caller needs no checkpoint around it."""
+    Backward: dL/dh_i = g sum_v (softmax_iv - [v = label_i]) W_v, from the logits kept by forward
+    (keep_logits: [V, N] float32, the memory a plain loss holds too) or, under checkpointing,
+    recomputed slice by slice (then nothing of size V is kept: h and lse only)."""
 
     @staticmethod
-    def forward(ctx, h, labels, weight):  # type: ignore[override]
+    def forward(ctx, h, labels, weight, keep_logits):  # type: ignore[override]
         n, vocab = h.shape[0], weight.shape[0]
         m = h.new_full((n,), -math.inf)
         s = h.new_zeros(n)
         target = h.new_zeros(n)
         valid = labels != -100
         rows = torch.arange(n)
+        kept = h.new_empty(vocab, n) if keep_logits else None  # [V, N]: each slice's rows contiguous
         for r in range(0, vocab, SLICE_ROWS):
-            z = h @ _weight(weight[r : r + SLICE_ROWS], None, h.dtype).T  # [N, S]
-            top = torch.maximum(m, z.max(dim=1).values)
-            s = s * torch.exp(m - top) + torch.exp(z - top[:, None]).sum(dim=1)
+            w = _weight(weight[r : r + SLICE_ROWS], None, h.dtype)
+            z = torch.mm(w, h.T, out=kept[r : r + w.shape[0]]) if kept is not None else w @ h.T  # [S, N]
+            top = torch.maximum(m, z.max(dim=0).values)
+            s = s * torch.exp(m - top) + torch.exp(z - top).sum(dim=0)
             m = top
-            inside = valid & (labels >= r) & (labels < r + z.shape[1])
-            target[inside] = z[rows[inside], labels[inside] - r]
+            inside = valid & (labels >= r) & (labels < r + w.shape[0])
+            target[inside] = z[labels[inside] - r, rows[inside]]
         lse = m + torch.log(s)
-        ctx.save_for_backward(h, labels, weight, lse)
+        ctx.save_for_backward(h, labels, weight, lse, kept)
         return ((lse - target) * valid).sum()
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        h, labels, weight, lse = ctx.saved_tensors
+        h, labels, weight, lse, kept = ctx.saved_tensors
         coef = g * (labels != -100).to(h.dtype)  # [N]
         rows = torch.arange(h.shape[0])
         gh = torch.zeros_like(h)
         for r in range(0, weight.shape[0], SLICE_ROWS):
             w = _weight(weight[r : r + SLICE_ROWS], None, h.dtype)
-            p = torch.exp((h @ w.T).sub_(lse[:, None])).mul_(coef[:, None])  # softmax slice, scaled
+            z = kept[r : r + w.shape[0]] if kept is not None else w @ h.T  # [S, N]
+            p = z.sub_(lse).exp_().mul_(coef)  # softmax slice, scaled (in place: the kept logits are used once)
             inside = (labels >= r) & (labels < r + w.shape[0])
-            p[rows[inside], labels[inside] - r] -= coef[inside]
-            gh.addmm_(p, w)
-        return gh, None, None
+            p[labels[inside] - r, rows[inside]] -= coef[inside]
+            gh.addmm_(p.T, w)
+        return gh, None, None, None
 
 
-def head_loss(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def head_loss(h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, keep_logits: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy of h [N, hidden] against a frozen head `weight` [V, hidden]
     stored in any float dtype, label -100 ignored (as F.cross_entropy(..., reduction="sum")); see
-    _HeadLoss. Computed in h's dtype."""
-    return _HeadLoss.apply(h, labels, weight)
+    _HeadLoss. Computed in h's dtype. keep_logits: hold the [V, N] logits for backward instead of
+    recomputing them (for a loss not under checkpointing)."""
+    return _HeadLoss.apply(h, labels, weight, keep_logits)
 
 
 class Int8Linear(nn.Linear):

@@ -27,14 +27,14 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  keeps its input and one layer is live at a time:  L_a x b T h e  +  one layer as above.
                  L_a = lora.layers (0: all L): the frozen layers below run without a graph and keep
                  nothing (sparse back-propagation, pocketfed.model.depth)
-    logits       on the lean backend with checkpointing or a bf16 / int8 head, the loss streams the
-                 head over SLICE_ROWS vocabulary rows (lowmem.head_loss): one slice's logits, their
-                 exponentials and gradients live, b T S 12 (S = min(SLICE_ROWS, V)); with the plan's
-                 keep_rebuilt, one layer's linears rebuilt in float32 (4 x its weights) stay from its
-                 recompute to its backward (counted in weights). Otherwise the loss runs over chunks
-                 of C = LOSS_CHUNK positions: one live chunk C V (e + 24) (logits, their float copy,
-                 log-softmax, gradients), plus, without checkpointing, the float32 log-probabilities
-                 of every position: b T V 4
+    logits       on the lean backend the loss streams the head over SLICE_ROWS vocabulary rows
+                 (lowmem.head_loss): one slice's logits, exponentials and gradients live, b T S 12
+                 (S = min(SLICE_ROWS, V)), plus, without checkpointing, the float32 logits of every
+                 position kept for backward: b T V 4 (under checkpointing they are recomputed). With
+                 the plan's keep_rebuilt, one layer's linears rebuilt in float32 (4 x its weights)
+                 stay from its recompute to its backward (counted in weights). transformers + PEFT:
+                 C V (e + 24) with C = LOSS_CHUNK (logits, their float copy, log-softmax, gradients),
+                 plus, without checkpointing, b T V 4
     margin       x 1.10 + 32 MB (allocator slack, kernels paged in on first use, data); 8 MB for a
                  process whose runtime was measured after a warm-up step (`task.warm_up`): the
                  kernels are in the runtime already
@@ -152,8 +152,8 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
     kept = shape.adapted(layers)  # layers that keep activations for backward
     activations = (kept * b * t * h * e + layer) if checkpointing else kept * layer
-    if backend is Backend.lean and (checkpointing or precision is not Precision.fp32):  # lowmem.head_loss
-        logits = b * t * min(SLICE_ROWS, shape.vocab) * 12
+    if backend is Backend.lean:  # lowmem.head_loss: a slice's temporaries, and without checkpointing the kept logits
+        logits = b * t * min(SLICE_ROWS, shape.vocab) * 12 + (0 if checkpointing else b * t * shape.vocab * 4)
     else:
         logits = LOSS_CHUNK * shape.vocab * (e + 24) + (0 if checkpointing else b * t * shape.vocab * 4)
     parts = {"weights": weights / MB, "adapter": adapter / MB, "activations": activations / MB, "logits": logits / MB}

@@ -48,7 +48,10 @@ def norm(u):
 
 
 def test_lean_and_peft_backends_agree_on_the_same_seed_and_data():
-    """fp32 base, whole batch, same init and order: the updates agree to float32 rounding (measured ~1e-8)."""
+    """fp32 base, whole batch, same init and order: the updates agree to float32 rounding. The lean
+    loss's running log-sum-exp over vocabulary slices rounds otherwise than transformers' one softmax
+    (~1e-7 in a gradient), which Adam's first steps magnify where a gradient is near zero: measured
+    4.8e-6 on 1 of 1,792 entries, the largest update being 0.03."""
     lean, peft = model(Backend.lean), model(Backend.peft)
     assert lean.backend is Backend.lean and peft.backend is Backend.peft
     assert list(lean.params) == list(peft.params)  # PEFT's adapter keys, in the same order
@@ -57,19 +60,20 @@ def test_lean_and_peft_backends_agree_on_the_same_seed_and_data():
     t = TrainTask(0, "d", g, TRAIN, seed=5)
     a, b = task.run_task(lean, data(), t), task.run_task(peft, data(), t)
     assert a.num_tokens == b.num_tokens > 0
-    assert max(float((a.update[k] - b.update[k]).abs().max()) for k in g) <= 1e-6
+    assert max(float((a.update[k] - b.update[k]).abs().max()) for k in g) <= 1e-5
     assert abs(a.metrics["train_loss"] - b.metrics["train_loss"]) <= 1e-5
     assert norm(a.update) > 1e-3
 
 
 def test_micro_batches_accumulate_to_the_whole_batch():
-    """Micro-batches of 1 (one row short: its loss weighs by its targets) give the whole batch's step."""
+    """Micro-batches of 1 (one row short: its loss weighs by its targets) give the whole batch's step
+    (to float32 rounding, which Adam magnifies where a gradient is near zero: see above)."""
     whole, micro = model(micro_batch=4), model(micro_batch=1)
     g = start_state(whole)
     t = TrainTask(0, "d", g, dataclasses.replace(TRAIN, steps=3), seed=2)  # 9 rows, batch 4: step 3 holds the short row
     a, b = task.run_task(whole, data(), t), task.run_task(micro, data(), t)
     assert a.num_tokens == b.num_tokens
-    assert max(float((a.update[k] - b.update[k]).abs().max()) for k in g) <= 1e-6
+    assert max(float((a.update[k] - b.update[k]).abs().max()) for k in g) <= 1e-5
     assert abs(a.metrics["train_loss"] - b.metrics["train_loss"]) <= 1e-5
 
 
