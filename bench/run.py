@@ -76,22 +76,23 @@ same minute: 0.05x) to 0.58-0.66x the phone plan's tokens per CPU-second (2026-1
 thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
 Measured idle on 2026-11-28 (device rows: 2 torch threads, medians of 3; quality rows: the demo's
-runs, `BENCH_DEPTH_RUNS`, L=all is runs/demo): top-L saves a quarter to a half of a round's time
-(L=10 0.65-0.75x, L=5 0.55-0.72x over two runs: the forward through all 30 layers and the head stay)
-and costs 40% / 67% held-out perplexity after the demo's 3 rounds (119.5 / 143.1 against 85.55), so
-`lora.layers` stays 0 (all layers): issue 17's "half the device-seconds at equal or better
-perplexity" is out of reach by depth alone here. The plain fp32 rows' code did not change between
-the two runs; their spread (L=all 168.7 then 147 tokens/s) is the machine's.
-The watch plan at 2 threads went from 60.1 tokens/s (0.35x the phone plan's 172.1) to 90.3 (0.51x
-the phone's 176.4) in the same 512 MB budget (peak 464 MB), by doing less work: the loss streams the
-bf16 head over vocabulary slices (`lowmem.head_loss`: the head rebuilt in float32 twice a
-micro-batch instead of 3 times per chunk of 32 positions, 64 -> 72 tokens/s), a checkpointed
-layer's recompute keeps the weights it rebuilt for its backward (the plan's `keep_rebuilt`: one
-layer's linears in float32, 13.5 MB; -> 81-86), and the planner tries checkpointed micro-batches
-above 1 (the watch now 2 x 2; -> 90). Same training loss to the last digit (device.fit: 4.1115).
-With L=10 the watch fits micro-batch 4 and trains faster than the phone plan. The energy model
-counts FLOPs, which these changes do not alter (the head's work is forward + recompute + backward
-either way): its device-seconds for a watch round stay 420.5.""",
+runs, `BENCH_DEPTH_RUNS`, L=all is runs/demo): top-L saves a third of a round's time (L=10 0.70x,
+L=5 0.64x in this run; 0.65-0.75x and 0.55-0.72x in the day's two earlier ones: the forward through
+all 30 layers and the head stay) and costs 40% / 67% held-out perplexity after the demo's 3 rounds
+(119.5 / 143.1 against 85.55), so `lora.layers` stays 0 (all layers): issue 17's "half the
+device-seconds at equal or better perplexity" is out of reach by depth alone here.
+The loss now streams the head over vocabulary slices on every plan (`lowmem.head_loss`: the head
+read, or rebuilt from bf16, once each way a micro-batch, where chunks of 32 positions read it once
+each way per chunk): the plain fp32 demo round went from 147-169 to 180 tokens/s, the phone plan
+from 172-176 to 191. The watch plan went from 60.1 tokens/s (0.35x the phone's 172.1, this morning)
+to 94.3 in the same 512 MB budget (peak 459 MB): the head streamed (64 -> 72 tokens/s), a
+checkpointed layer's recompute keeping the weights it rebuilt for its backward (the plan's
+`keep_rebuilt`: one layer's linears in float32, 13.5 MB; -> 81-86), and checkpointed micro-batches
+above 1 in the planner (the watch now 2 x 2; -> 90-101). Since the phone plan sped up too, the ratio
+is 0.49x here and 0.55x in bench_budget's run of the same hour (101.4 against 183.2): issue 17's
+0.5x goal is met at the edge, not with margin. The same training losses (device.fit: watch 4.1115
+before and after). With L=10 the watch fits micro-batch 4. The energy model counts FLOPs, which
+these changes do not alter: its device-seconds for a watch round stay 420.5.""",
     "bench_robust": """\
 Issue 16's goals hold: without a defense the boosted replacement plants the backdoor (100% of
 trigger prompts from round 3 on; clean perplexity +11%); the coordinate-wise median stops it (0% in
