@@ -18,8 +18,7 @@ with the simulator's transformers + PEFT model, and tests pin that on `tiny`:
     LoRA on a target linear W: y = x W^T + (alpha / r) (x A^T) B^T,  A [r, in], B [out, r]
 The loss (mean next-token cross-entropy over unmasked labels) streams the head over vocabulary
 slices (`lowmem.head_loss`): the head read, or rebuilt from bf16, twice a micro-batch; the logits
-are kept for backward without checkpointing and recomputed slice by slice with it. (A head with a
-bias or trained weights falls back to chunks of LOSS_CHUNK positions.) Supported configs: Llama with SiLU, no
+are kept for backward without checkpointing and recomputed slice by slice with it. Supported configs: Llama with SiLU, no
 biases and the default rotary embedding (SmolLM2, `tiny`); anything else is refused by name.
 
 Activations are float32 whatever the weights are stored in (fp32, bf16, int8): bf16 and int8 weights
@@ -50,7 +49,6 @@ from pocketfed.device.shape import ModelShape
 from pocketfed.errors import UserError
 from pocketfed.model.depth import adapted_layers
 
-LOSS_CHUNK = 32  # positions per chunk of the loss: 32 x 49152 float32 logits = 6 MB for SmolLM2
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's parameter names
 
 
@@ -208,23 +206,13 @@ class LeanLlama(nn.Module):
         right_padded = bool((mask.int().cummin(dim=1).values == mask.int()).all())
         h = self.hidden(ids, None if right_padded else mask)[:, :-1].reshape(-1, self.config.hidden)  # [N, h], N = B (T-1)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100).reshape(-1)  # [N]
-        head = self.lm_head
-        if head.bias is None and not head.weight.requires_grad:
-            # streamed over the vocabulary (lowmem.head_loss): the head read (and, stored narrower,
-            # rebuilt) twice a micro-batch instead of 2-3 times per chunk of 32 positions. Measured
-            # (device.fit): watch plan, 2 threads, 64 -> 72 tokens/s; plain fp32 demo round,
-            # 1 thread, 0.95x -> 1.02x transformers + PEFT's speed; the same losses
-            keep = torch.is_grad_enabled() and not (self.checkpointing and self.training)
-            return head_loss(h, labels, head.weight, keep_logits=keep) / (labels != -100).sum()
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], LOSS_CHUNK):
-            args = (h[s : s + LOSS_CHUNK], labels[s : s + LOSS_CHUNK])
-            total = total + (checkpoint(self._chunk_loss, *args)
-                             if self.checkpointing and self.training else self._chunk_loss(*args))
-        return total / (labels != -100).sum()
-
-    def _chunk_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
+        # streamed over the vocabulary (lowmem.head_loss; the head is bias-free and frozen by
+        # construction): the head read (and, stored narrower, rebuilt) twice a micro-batch instead
+        # of 2-3 times per chunk of 32 positions. Measured (device.fit): watch plan, 2 threads,
+        # 64 -> 72 tokens/s; plain fp32 demo round, 1 thread, 0.95x -> 1.05x transformers + PEFT's
+        # speed; the same losses
+        keep = torch.is_grad_enabled() and not (self.checkpointing and self.training)
+        return head_loss(h, labels, self.lm_head.weight, keep_logits=keep) / (labels != -100).sum()
 
 
 class LoraLinear(nn.Module):
