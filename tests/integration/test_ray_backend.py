@@ -52,7 +52,8 @@ def test_ray_equals_inprocess(tmp_path):
 
 def test_failures_and_memory_overruns_are_dropouts():
     """One round with a good device, a device whose code raises, and one that outgrows its memory."""
-    from pocketfed.transport.ray_backend import RayBackend, build_base, share_base
+    from pocketfed.transport.ray_backend import RayBackend
+    from pocketfed.transport.shared import build_base, share_base
 
     cfg = tiny_config(sim={"backend": "ray", "device_memory_mb": 900, "device_cpus": 2})  # one worker
     base = load_base("tiny")
@@ -98,7 +99,8 @@ def test_a_worker_is_lean_and_its_base_stays_in_the_object_store():
     """A Ray worker on a model the lean Llama supports: it never imports transformers, PEFT or scipy,
     and after training every frozen base tensor still lies in the object store's shared pages (no
     per-worker copy: a `.clone()`, `.float()` or `.contiguous()` on a base weight would move it)."""
-    from pocketfed.transport.ray_backend import RayBackend, build_lean, in_shared_memory, share_base
+    from pocketfed.transport.ray_backend import RayBackend, in_shared_memory
+    from pocketfed.transport.shared import build_lean, share_base
 
     cfg = tiny_config(sim={"backend": "ray", "device_cpus": 2})  # one worker
     base = load_base("tiny")

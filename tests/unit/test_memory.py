@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketfed.memory import advise_huge_pages, release_mapped_file
+from pocketfed.memory import advise_huge_pages, jemalloc_env, release_mapped_file
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -103,3 +103,55 @@ def test_huge_pages_back_resident_malloc_memory_and_leave_sparse_memory_sparse()
     finally:
         libc.free(dense)
         libc.free(sparse)
+
+
+# ---- the allocator: `pocketfed simulate` re-runs itself under jemalloc ----------------------------
+
+REPORT = "import os, sys; from pocketfed.memory import allocator, reexec_under_jemalloc; reexec_under_jemalloc(); " \
+         "print(allocator(), os.environ.get('POCKETFED_MALLOC_REEXEC'), sys.argv[1:])"
+
+
+def _run(env_extra):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETFED_MALLOC", "POCKETFED_MALLOC_REEXEC")}
+    out = subprocess.run([sys.executable, "-c", REPORT, "a b", "--flag"], env={**env, **env_extra},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(maxsplit=2)
+
+
+@pytest.mark.skipif(not jemalloc_env(), reason="no libjemalloc2 on this machine")
+def test_a_process_re_runs_itself_once_under_jemalloc_with_its_arguments():
+    assert _run({}) == ["jemalloc", "1", "['a b', '--flag']"]
+
+
+def test_opting_out_keeps_glibc():
+    assert _run({"POCKETFED_MALLOC": "libc"}) == ["libc", "None", "['a b', '--flag']"]
+
+
+def test_no_second_re_exec_and_none_without_jemalloc(monkeypatch):
+    import pocketfed.memory as memory
+
+    def refuse(*args):
+        raise AssertionError("re-executed")
+
+    monkeypatch.setattr(memory.os, "execve", refuse)
+    monkeypatch.setenv("POCKETFED_MALLOC_REEXEC", "1")  # already re-run once (its preload may have failed)
+    memory.reexec_under_jemalloc()
+    monkeypatch.delenv("POCKETFED_MALLOC_REEXEC")
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: None)  # a machine without jemalloc
+    assert memory.jemalloc_env() == {}
+    if memory.allocator() == "libc":
+        memory.reexec_under_jemalloc()
+
+
+def test_jemalloc_goes_first_in_ld_preload_and_only_once(monkeypatch):
+    import pocketfed.memory as memory
+
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: "libjemalloc.so.2")
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    assert memory.jemalloc_env() == {"LD_PRELOAD": "libjemalloc.so.2 libother.so"}
+    monkeypatch.setenv("LD_PRELOAD", "libother.so libjemalloc.so.2")
+    assert memory.jemalloc_env() == {"LD_PRELOAD": "libother.so libjemalloc.so.2"}

@@ -14,8 +14,9 @@ def make_backend(cfg, model, base, dataset, on_done: Callable[[str], None] | Non
     """The backend named by cfg.sim.backend. All share the seam `run(tasks) -> results`, `close()`."""
     if cfg.sim.backend is BackendKind.inprocess:
         from pocketfed.transport.inprocess import InProcessBackend
+        from pocketfed.transport.shared import simulator_model
 
-        return InProcessBackend(model, dataset, on_done)
+        return InProcessBackend(simulator_model(model, base.path, cfg.lora, cfg.sim.seed), dataset, on_done)
     if cfg.sim.backend is BackendKind.ray:
         from pocketfed.transport.ray_backend import RayBackend
 

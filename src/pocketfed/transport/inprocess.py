@@ -1,6 +1,8 @@
 """The in-process backend: every virtual device runs in this process, one after another, on
 one shared base model (one copy in memory whatever the number of devices), through the device
-task every device runs (`pocketfed.device.task.run_task`).
+task every device runs (`pocketfed.device.task.run_task`). The model is the simulator's base
+weights under the lean Llama where it fits, else the simulator's PEFT model
+(`pocketfed.transport.shared.simulator_model`).
 
 The seam every backend implements (the server loop talks to nothing else):
     run(tasks) -> results      (a TrainResult or a Dropout per task, in task order)
@@ -11,10 +13,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from torch import nn
-
 from pocketfed.data.federated import FederatedDataset
-from pocketfed.device.task import run_task, wrap_peft
+from pocketfed.device.task import DeviceModel, run_task
+from pocketfed.memory import release_free_memory
 from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
 
 
@@ -25,8 +26,8 @@ class Backend(Protocol):
 
 
 class InProcessBackend:
-    def __init__(self, model: nn.Module, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
-        self.model = wrap_peft(model)  # the simulator's PEFT model, shared by every virtual device
+    def __init__(self, model: DeviceModel, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
+        self.model = model  # shared by every virtual device
         self.dataset = dataset
         self.on_done = on_done
 
@@ -34,6 +35,7 @@ class InProcessBackend:
         results: list[TrainResult | Dropout] = []
         for task in tasks:
             results.append(run_task(self.model, self.dataset.device(task.device_id).train, task))
+            release_free_memory()  # the next device starts from live memory, not from this one's heap holes
             if self.on_done:
                 self.on_done(task.device_id)
         return results

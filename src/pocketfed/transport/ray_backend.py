@@ -3,19 +3,16 @@
 The seam is the in-process backend's (`run(tasks) -> results` in task order, `close()`); only
 where the device code runs changes. Each worker runs exactly `pocketfed.device.task.run_task`.
 
-Memory: the frozen base model is `ray.put` once, as a list of numpy arrays. Ray reads numpy arrays
-out of its shared-memory object store without copying, so every worker wraps the same physical
-pages in read-only tensors (`torch.from_numpy`) and builds its model around them on the meta
-device: N workers hold one copy of the base weights, plus each its own LoRA adapter, optimizer
-state and activations. A worker is otherwise as lean as a device process: where the lean Llama
-supports the model (`pocketfed.device.leanmodel`; SmolLM2, `tiny`) it trains that, so it never
-imports transformers, PEFT or what they pull in (scipy, ...), about 130 MB of private memory a
-worker, and its loss keeps one [N, V] log-softmax instead of transformers' logits, shifted copy
-and log-softmax; other models fall back to transformers + PEFT. The updates are the in-process
-backend's to float32 rounding (the two models agree to ~1e-8, tests/unit/device/test_task.py).
-Workers allocate with jemalloc where the machine has it (`worker_env`): glibc's heap keeps nearly
-as much again as a step's live activations in holes; and between devices a worker hands its free
-pages back (`release_free_memory`), so a waiting worker holds only its live memory.
+Memory: the frozen base model is `ray.put` once, as a list of numpy arrays (`shared.SharedWeights`).
+Ray reads numpy arrays out of its shared-memory object store without copying, so every worker wraps
+the same physical pages in read-only tensors (`torch.from_numpy`) and builds its model around them
+on the meta device: N workers hold one copy of the base weights, plus each its own LoRA adapter,
+optimizer state and activations. A worker trains what the in-process backend trains
+(`shared.device_model`: the lean Llama where it supports the model), so it never imports
+transformers, PEFT or what they pull in (scipy, ...), about 130 MB of private memory a worker.
+Workers allocate with jemalloc where the machine has it (`worker_env`, `pocketfed.memory.jemalloc_env`),
+and between devices a worker hands its free pages back (`release_free_memory`), so a waiting worker
+holds only its live memory.
 docs/BENCHMARKS.md (bench_scale) has the measured figures.
 
 Resources: each worker is an actor declaring `sim.device_cpus` CPUs (its torch threads) and
@@ -32,28 +29,23 @@ installed on its nodes; the training data travel with each task (one device's to
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
 import sys
 import threading
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pocketfed.config import LoraConfig
 from pocketfed.data.federated import Blocks, FederatedDataset
-from pocketfed.device import leanmodel
-from pocketfed.device.leanmodel import LeanConfig
-from pocketfed.device.planner import Backend, backend_for
-from pocketfed.device.task import DeviceModel, run_task, wrap_peft
+from pocketfed.device.task import run_task
 from pocketfed.errors import UserError
+from pocketfed.memory import allocator, jemalloc_env, release_free_memory
 from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
+from pocketfed.transport.shared import SharedWeights, device_model, share_base
 
 MB = 1 << 20
 WATCHDOG_SECONDS = 0.05
@@ -61,129 +53,9 @@ MEMORY_EXIT_CODE = 77
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables for the workers' processes: jemalloc (J. Evans, "A Scalable Concurrent
-    malloc(3) Implementation for FreeBSD", BSDCan 2006) where the machine has it (Debian:
-    libjemalloc2). A training step frees and reallocates hundreds of activation blocks of every
-    size; glibc's malloc serves the ~0.6 MB ones from its heap, between small long-lived blocks, so a
-    worker's resident memory grows to nearly twice its live peak (holes it cannot hand back).
-    jemalloc's size classes reuse them, at the same speed. Under glibc, making it mmap those blocks
-    instead costs a third of a step's speed (page faults), so glibc is left as it is."""
-    jemalloc = ctypes.util.find_library("jemalloc")
-    return {"LD_PRELOAD": jemalloc} if jemalloc else {}
-
-
-# ---- the base model, shared -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedWeights:
-    """A base model as plain data for the object store: each distinct tensor once, as numpy.
-
-    arrays[i] is one tensor; names[i] every module path it is registered under (tied weights,
-    e.g. embed_tokens and lm_head, share one array). Buffers (rotary inv_freq) travel alike."""
-
-    config: dict[str, Any]  # the transformers config as a dict (no transformers import to unpickle it)
-    arrays: list[np.ndarray]
-    param_names: list[list[str]]
-    buffer_names: list[list[str]]  # aligned with arrays after the parameters
-    lean: LeanConfig | None = None  # set when the lean Llama can train this model (float32 weights)
-
-
-def share_base(model: torch.nn.Module, folder: Path | None = None) -> SharedWeights:
-    """The frozen base weights of `model` (a plain or PEFT-wrapped causal LM), deduplicated.
-
-    PEFT wraps target layers in place ("q_proj" -> "q_proj.base_layer"); the original names are
-    restored and the LoRA tensors left out, so a worker builds the plain model and attaches LoRA
-    itself. `folder`, the model's folder, lets workers train the lean Llama if it supports it."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    def groups(named) -> tuple[list[np.ndarray], list[list[str]]]:
-        by_ptr: dict[int, int] = {}
-        arrays: list[np.ndarray] = []
-        names: list[list[str]] = []
-        for name, t in named:
-            if "lora_" in name:
-                continue
-            name = name.replace(".base_layer", "")
-            key = t.data_ptr()
-            if key not in by_ptr:
-                by_ptr[key] = len(arrays)
-                arrays.append(t.detach().cpu().numpy())
-                names.append([])
-            names[by_ptr[key]].append(name)
-        return arrays, names
-
-    p_arrays, p_names = groups(inner.named_parameters(remove_duplicate=False))
-    b_arrays, b_names = groups(inner.named_buffers(remove_duplicate=False))
-    lean = None
-    if folder is not None and backend_for(folder) is Backend.lean and all(a.dtype == np.float32 for a in p_arrays):
-        lean = LeanConfig.from_folder(folder)
-    return SharedWeights(inner.config.to_dict(), p_arrays + b_arrays, p_names, b_names, lean)
-
-
-def _views(shared: SharedWeights) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": frozen weights are never written
-        return [torch.from_numpy(a) for a in shared.arrays]
-
-
-def build_lean(shared: SharedWeights) -> leanmodel.LeanLlama:
-    """The lean Llama (torch only) whose frozen weights are views of `shared`'s arrays (no copy); eval mode.
-
-    Its parameter names are transformers' (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`);
-    tied weights stay one tensor. The rotary buffers are not needed: the lean model computes them."""
-    assert shared.lean is not None
-    with torch.device("meta"):
-        model = leanmodel.LeanLlama(shared.lean)
-    for t, names in zip(_views(shared), shared.param_names):
-        value = torch.nn.Parameter(t, requires_grad=False)
-        for name in names:
-            parent, _, leaf = name.rpartition(".")
-            model.get_submodule(parent)._parameters[leaf] = value  # type: ignore[assignment]
-    still_meta = [n for n, t in model.named_parameters() if t.is_meta]
-    if still_meta:
-        raise RuntimeError(f"shared base model lacks tensors: {still_meta[:3]}")
-    return model.eval().requires_grad_(False)
-
-
-def build_base(shared: SharedWeights) -> torch.nn.Module:
-    """A frozen eval-mode transformers model whose weights are views of `shared`'s arrays (no copy)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = dict(shared.config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
-                                                 dtype=torch.float32)
-    tensors = _views(shared)
-    n_params = len(shared.param_names)
-    for i, names in enumerate(shared.param_names + shared.buffer_names):
-        value: torch.Tensor = torch.nn.Parameter(tensors[i], requires_grad=False) if i < n_params else tensors[i]
-        for name in names:
-            parent, _, leaf = name.rpartition(".")
-            module = model.get_submodule(parent)
-            if i < n_params:
-                module._parameters[leaf] = value  # type: ignore[assignment]
-            else:
-                module._buffers[leaf] = value
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise RuntimeError(f"shared base model lacks tensors: {still_meta[:3]}")
-    model.eval()
-    return model
-
-
-def device_model(shared: SharedWeights, lora_cfg: LoraConfig, seed: int) -> DeviceModel:
-    """A worker's model: LoRA (A drawn under `seed`, as `lora.attach` draws it) on the shared base,
-    in the lean Llama where `shared.lean` says it fits, else in transformers + PEFT."""
-    if shared.lean is None:
-        from pocketfed.model import lora
-
-        return wrap_peft(lora.attach(build_base(shared), lora_cfg, seed=seed))
-    model = build_lean(shared)
-    leanmodel.attach_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules, seed, lora_cfg.dropout,
-                          lora_cfg.layers)
-    params = {leanmodel.PEFT_PREFIX + n: p for n, p in model.named_parameters() if p.requires_grad}
-    return DeviceModel(model, Backend.lean, params, model.loss)
+    """Environment variables for the workers' processes: jemalloc where the machine has it
+    (`pocketfed.memory.jemalloc_env`), also on a cluster, where workers do not inherit the driver's."""
+    return jemalloc_env()
 
 
 def in_shared_memory(tensors: list[torch.Tensor]) -> bool:
@@ -197,17 +69,6 @@ def in_shared_memory(tensors: list[torch.Tensor]) -> bool:
                 lo, hi = (int(x, 16) for x in addresses.split("-"))
                 spans.append((lo, hi))
     return all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in tensors)
-
-
-def release_free_memory() -> None:
-    """Hand the pages malloc holds free back to the OS, so a worker waiting for its next device holds
-    its live memory only, not its last round's peak: jemalloc's purge of every arena where it is the
-    allocator, else glibc's malloc_trim (elsewhere nothing)."""
-    libc = ctypes.CDLL(None)
-    if hasattr(libc, "mallctl"):  # jemalloc (preloaded): 4096 = MALLCTL_ARENAS_ALL
-        libc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
-    elif hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def private_bytes(pid: int | None = None) -> int:
@@ -260,7 +121,7 @@ class DeviceWorker:
         frozen = [p for p in self.model.module.parameters() if not p.requires_grad]
         return {"pid": os.getpid(), "peak_private_bytes": self.peak_private, "private_bytes": private_bytes(),
                 "backend": self.model.backend.value, "base_in_object_store": in_shared_memory(frozen),
-                "allocator": "jemalloc" if hasattr(ctypes.CDLL(None), "mallctl") else "libc",
+                "allocator": allocator(),
                 "imported": sorted(m for m in ("transformers", "peft", "scipy") if m in sys.modules)}
 
 
