@@ -61,7 +61,8 @@ from pocketfed.device import http_client as http  # noqa: E402
 from pocketfed.device import evaluate, ledger, ondevice, task as device_task  # noqa: E402
 from pocketfed.device import guard  # noqa: E402
 from pocketfed.device.floors import PrivacyFloors  # noqa: E402
-from pocketfed.device.lowmem import fix_malloc_thresholds, trim_heap  # noqa: E402
+from pocketfed.device.lowmem import fix_malloc_thresholds  # noqa: E402
+from pocketfed.memory import release_free_memory  # noqa: E402
 from pocketfed.device.planner import Backend, Plan, backend_for, make_plan  # noqa: E402
 from pocketfed.device.profiles import DeviceProfile  # noqa: E402
 from pocketfed.device.releases import KeyChanged, trusted_release_key  # noqa: E402,F401  (KeyChanged: re-exported)
@@ -231,11 +232,13 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     if base is not None:
         from pocketfed.model import lora
 
-        model = device_task.wrap_peft(lora.attach(base.model, lcfg, seed=0))  # A is overwritten by the global adapter
-        return Session(model, None, rows, key, test)
+        from pocketfed.transport.shared import simulator_model
+
+        # A is overwritten by the global adapter
+        return Session(simulator_model(lora.attach(base.model, lcfg, seed=0), folder, lcfg, seed=0), None, rows, key, test)
     del dataset, tokenizer
     gc.collect()
-    trim_heap()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
+    release_free_memory()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured
     if backend is Backend.lean:
         # the libraries' code pages that importing and tokenizing faulted in, with the neighbours
         # fault-around mapped from a page cache other processes keep hot (a test runner that ran torch:
@@ -243,7 +246,7 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
         release_shared_libraries()
         device_task.warm_up(tuple(lcfg.target_modules))
         gc.collect()
-        trim_heap()
+        release_free_memory()
     train = TrainConfig(**task.train.model_dump())
     plan = make_plan(ModelShape.from_folder(folder), profile, lcfg, train, dcfg.seq_len, task.model, rss_mb(), backend,
                      warmed=backend is Backend.lean)
@@ -340,7 +343,7 @@ def run_device(
         """The runtime model of the installed release and personal adapter, in a child process;
         called with no training model held, so the two never sit in memory together."""
         gc.collect()
-        trim_heap()
+        release_free_memory()
         if on_device_model and device_home.current_release(home) is not None and not ondevice.model_is_current(home):
             built = ondevice.convert(home)
             if device_profile is not None:  # each conversion process against the profile's budget

@@ -209,16 +209,6 @@ def fix_malloc_thresholds() -> None:
     libc.mallopt(m_trim_threshold, 128 << 10)
 
 
-def trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc malloc_trim): after a burst of small
-    allocations (a tokenizer's vocabulary: ~30 MB for SmolLM2's) is freed, they would stay resident
-    and count in every later figure of the process. No-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def read_header(path: Path) -> tuple[dict, int]:
     """The safetensors header {name: {dtype, shape, data_offsets}} and where the data starts."""
     with open(path, "rb") as f:
