@@ -32,7 +32,7 @@ import yaml
 
 from pocketfed import attack as attack_mod
 from pocketfed.files import write_atomic
-from pocketfed.memory import release_free_memory
+from pocketfed.memory import allocator, release_free_memory
 from pocketfed.config import RunConfig, to_dict
 from pocketfed.data.federated import Blocks, load_dataset
 from pocketfed.device import fleet as fleet_mod
@@ -297,6 +297,7 @@ def simulate(
             "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),
             "wall_seconds": time.perf_counter() - t_start,
             "train_seconds": train_seconds,
+            "allocator": allocator(),  # jemalloc under `pocketfed simulate` where installed (pocketfed.memory)
         }
     )
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))

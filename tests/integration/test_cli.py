@@ -60,6 +60,9 @@ def test_simulate_tiny_end_to_end_under_a_minute_of_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert "federated" in res.stdout and summary["rounds"] == 2
+    from pocketfed.memory import jemalloc_env
+
+    assert summary["allocator"] == ("jemalloc" if jemalloc_env() else "libc")  # the CLI re-ran itself under jemalloc
     assert cpu_s < 60, f"the tiny end-to-end run used {cpu_s:.0f} CPU seconds"
 
 
