@@ -22,8 +22,9 @@ their imports (PEFT_IMPORTS_MB) added to the runtime. Memory:
                  (max(lowmem.SLICE_ROWS, widest linear) x h x 4)
     adapter      16 bytes x LoRA params (fp32 weight, gradient, AdamW m and v)
     activations  without checkpointing, every adapted layer keeps for backward
-                     L_a x b T [e (3 h + 2 q + 2 kv + 3 i) + 4 h n_t [e = 2]]
-                 (SDPA's fused kernel keeps no T x T matrix); with checkpointing, each adapted layer
+                     L_a x b T [e (3 h + 2 q + 2 kv + m i) + 4 h n_t [e = 2]]
+                 (SDPA's fused kernel keeps no T x T matrix; m = 2 on the lean backend, whose MLP
+                 keeps gate and up, 3 for transformers', which keeps silu(gate) too); with checkpointing, each adapted layer
                  keeps its input and one layer is live at a time:  L_a x b T h e  +  one layer as above.
                  L_a = lora.layers (0: all L): the frozen layers below run without a graph and keep
                  nothing (sparse back-propagation, pocketfed.model.depth)
@@ -150,7 +151,8 @@ def predict_mb(shape: ModelShape, precision: Precision, rank: int, targets: list
     b, t, h = micro_batch, seq_len, shape.hidden
     q, kv, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
     n_t = len([x for x in targets if x in shape.module_dims()])
-    layer = b * t * (e * (3 * h + 2 * q + 2 * kv + 3 * i) + (4 * h * n_t if e == 2 else 0))
+    mlp = 2 if backend is Backend.lean else 3  # the lean MLP keeps gate and up; autograd's also silu(gate)
+    layer = b * t * (e * (3 * h + 2 * q + 2 * kv + mlp * i) + (4 * h * n_t if e == 2 else 0))
     kept = shape.adapted(layers)  # layers that keep activations for backward
     activations = (kept * b * t * h * e + layer) if checkpointing else kept * layer
     if backend is Backend.lean:  # lowmem.head_loss: a slice's temporaries, and without checkpointing the kept logits

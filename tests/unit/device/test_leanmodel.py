@@ -189,3 +189,24 @@ def test_streamed_head_loss_is_cross_entropy(monkeypatch):
     (want,) = torch.autograd.grad(ref * 1.7, h)
     (have,) = torch.autograd.grad(got * 1.7, h)
     assert torch.allclose(have, want, rtol=1e-10, atol=1e-12)
+
+
+def test_swiglu_keeps_two_tensors_and_its_gradients_are_silus():
+    """_SwiGLU: silu(gate) * up with gate and up kept, sigmoid recomputed in backward.
+    Hand-checked, s = sigmoid(1) = 0.7310586: gate 1, up 3, upstream 2 -> out 3 s = 2.1931757,
+    d up = 2 s = 1.4621172, d gate = 2 x 3 x s (1 + (1 - s)) = 5.5660231; gate 0, up 2 -> out 0,
+    d up 0, d gate = 1 x 2 x 0.5 = 1."""
+    gate = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    up = torch.tensor([3.0, 2.0], dtype=torch.float64, requires_grad=True)
+    out = leanmodel._SwiGLU.apply(gate, up)
+    out.backward(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(out, torch.tensor([2.1931757359, 0.0], dtype=torch.float64))
+    assert torch.allclose(up.grad, torch.tensor([1.4621171573, 0.0], dtype=torch.float64))
+    assert torch.allclose(gate.grad, torch.tensor([5.5660230712, 1.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(leanmodel._SwiGLU.apply, (a, b))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        leanmodel._SwiGLU.apply(a, b)
+    assert len(saved) == 2  # gate and up; autograd's silu * up keeps silu(gate) too

@@ -81,12 +81,12 @@ def test_measured_round_of_tiny_stays_within_its_prediction(tmp_path):
 
 
 def test_a_tight_watch_gives_up_speed_before_the_sequence():
-    """A watch device measuring 262 MB before any weight (the device process: torch, HTTP, crypto):
+    """A watch device measuring 270 MB before any weight (the device process: torch, HTTP, crypto):
     micro-batch 2, then keeping one layer's rebuilt weights, go before the 128-token rows do.
     Hand-checked terms (SmolLM2, int8, checkpointing): the streamed head loss holds b T S 12 bytes
     = 1 x 128 x 4096 x 12 = 6.0 MB; one layer's linears in float32 are 4 x 3,538,944 = 13.5 MB."""
     roomy = planner.make_plan(SMOLLM2, BUILTIN["watch"], LoraConfig(rank=8), TRAIN, 128)
-    tight = planner.make_plan(SMOLLM2, BUILTIN["watch"], LoraConfig(rank=8), TRAIN, 128, runtime_mb=262.0)
+    tight = planner.make_plan(SMOLLM2, BUILTIN["watch"], LoraConfig(rank=8), TRAIN, 128, runtime_mb=270.0)
     assert (roomy.micro_batch, roomy.keep_rebuilt, roomy.seq_len) == (2, True, 128)
     assert (tight.precision, tight.micro_batch, tight.keep_rebuilt, tight.seq_len) == (Precision.int8, 1, False, 128)
     assert tight.predicted_peak_mb <= 512
