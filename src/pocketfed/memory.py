@@ -1,4 +1,5 @@
-"""Peak memory of this process, for budgets and benchmarks (no dependencies: runtime uses it too)."""
+"""Memory of this process: its peak, for budgets and benchmarks; pages it can hand back; the allocator
+(jemalloc for training commands). No dependencies: runtime uses it too."""
 
 from __future__ import annotations
 
