@@ -10,7 +10,7 @@ on the meta device: N workers hold one copy of the base weights, plus each its o
 optimizer state and activations. A worker trains what the in-process backend trains
 (`shared.device_model`: the lean Llama where it supports the model), so it never imports
 transformers, PEFT or what they pull in (scipy, ...), about 130 MB of private memory a worker.
-Workers allocate with jemalloc where the machine has it (`worker_env`, `pocketfed.memory.jemalloc_env`),
+Workers allocate with jemalloc where the machine has it (`pocketfed.memory.jemalloc_env`),
 and between devices a worker hands its free pages back (`release_free_memory`), so a waiting worker
 holds only its live memory.
 docs/BENCHMARKS.md (bench_scale) has the measured figures.
@@ -50,12 +50,6 @@ from pocketfed.transport.shared import SharedWeights, device_model, share_base
 MB = 1 << 20
 WATCHDOG_SECONDS = 0.05
 MEMORY_EXIT_CODE = 77
-
-
-def worker_env() -> dict[str, str]:
-    """Environment variables for the workers' processes: jemalloc where the machine has it
-    (`pocketfed.memory.jemalloc_env`), also on a cluster, where workers do not inherit the driver's."""
-    return jemalloc_env()
 
 
 def in_shared_memory(tensors: list[torch.Tensor]) -> bool:
@@ -182,8 +176,9 @@ class RayBackend:
         self.n_workers = max(1, min(int(cluster["CPU"] // cpus), int(cluster["memory"] // memory)))
         self._weights = ray.put(share_base(base.model, base.path))  # the one copy of the base model
         adopt_shared(base.model, ray.get(self._weights))  # the driver reads it from the store too
+        # jemalloc named for the workers, also on a cluster, where they do not inherit the driver's environment
         self._actor_cls = ray.remote(DeviceWorker).options(
-            num_cpus=cpus, memory=memory, max_restarts=0, max_concurrency=1, runtime_env={"env_vars": worker_env()})
+            num_cpus=cpus, memory=memory, max_restarts=0, max_concurrency=1, runtime_env={"env_vars": jemalloc_env()})
         self._actor_args = (self._weights, cfg.lora, cfg.sim.seed, cpus, memory)
         self.workers = [self._new_worker() for _ in range(self.n_workers)]
 
