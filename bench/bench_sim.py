@@ -42,6 +42,7 @@ def _bare_loop(model, data_ids: torch.Tensor, steps: int, lr: float) -> float:
 def throughput() -> list[dict[str, Any]]:
     from pocketfed.config import LoraConfig, TrainConfig
     from pocketfed.data.federated import Blocks
+    from pocketfed.device.task import wrap_peft
     from pocketfed.device.trainer import train_steps
     from pocketfed.model import lora
     from pocketfed.model.zoo import load_base
@@ -58,7 +59,7 @@ def throughput() -> list[dict[str, Any]]:
     for _ in range(REPS):  # interleaved, so machine noise hits both alike
         lora.set_state(model, init)
         t = time.perf_counter()
-        tokens, _ = train_steps(model, init, blocks, cfg, seed=0)
+        tokens, _ = train_steps(wrap_peft(model), init, blocks, cfg, seed=0)
         ours.append(tokens / (time.perf_counter() - t))
         lora.set_state(model, init)
         bare.append(BATCH * SEQ * STEPS / _bare_loop(model, ids, STEPS, 1e-3))

@@ -80,6 +80,7 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from pocketfed.device.task import wrap_peft
     from pocketfed.evaluation import evaluate
     from pocketfed.model import lora
 
@@ -100,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0 or not heldout or not cfg.eval.every_round:
             return None
         lora.set_state(w["model"], arrays.to_torch_state_dict())
-        ppl.append(evaluate(w["model"], heldout, max_tokens=cfg.data.max_eval_tokens).perplexity)
+        ppl.append(evaluate(wrap_peft(w["model"]), heldout, max_tokens=cfg.data.max_eval_tokens).perplexity)
         return MetricRecord({"heldout_perplexity": ppl[-1]})
 
     result = strategy.start(grid, ArrayRecord(lora.get_state(w["model"])), num_rounds=cfg.sim.rounds,

@@ -174,15 +174,15 @@ def prompts(blocks: list[Blocks], bd: Backdoor, limit: int = 64) -> torch.Tensor
 
 
 @torch.no_grad()
-def backdoor_success(model: torch.nn.Module, prompt_ids: torch.Tensor, bd: Backdoor, batch: int = 16) -> float:
+def backdoor_success(model: DeviceModel, prompt_ids: torch.Tensor, bd: Backdoor, batch: int = 16) -> float:
     """The share of prompts [P, T] whose greedy continuation starts with the target's tokens."""
-    model.eval()
+    model.module.eval()
     target = torch.tensor(bd.target)
     hits = 0
     for chunk in prompt_ids.split(batch):
         ids = chunk
         for _ in range(len(bd.target)):  # greedy, one token at a time (a few tokens: no cache needed)
-            nxt = model(input_ids=ids).logits[:, -1].argmax(-1)  # [B]
+            nxt = model.logits(ids)[:, -1].argmax(-1)  # [B]
             ids = torch.cat([ids, nxt[:, None]], dim=1)
         hits += int((ids[:, chunk.shape[1]:] == target).all(dim=1).sum())
     return hits / len(prompt_ids)

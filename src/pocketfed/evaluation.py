@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pocketfed.data.federated import Blocks
+
+if TYPE_CHECKING:
+    from pocketfed.device.task import DeviceModel
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, nl
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, blocks: list[Blocks], batch_size: int = 8, max_tokens: int = 0) -> Metrics:
+def evaluate(model: DeviceModel, blocks: list[Blocks], batch_size: int = 8, max_tokens: int = 0) -> Metrics:
     """Metrics pooled over every token of every split in `blocks` (each capped at `max_tokens`)."""
     totals = Totals()
     for b in blocks:
@@ -78,6 +82,6 @@ def evaluate(model: torch.nn.Module, blocks: list[Blocks], batch_size: int = 8, 
             rows = min(rows, math.ceil(max_tokens / b.input_ids.shape[1]))
         for i in range(0, rows, batch_size):
             ids, mask = b.input_ids[i : min(i + batch_size, rows)], b.mask[i : min(i + batch_size, rows)]
-            logits = model(input_ids=ids, attention_mask=None if bool(mask.all()) else mask.long()).logits
+            logits = model.logits(ids, None if bool(mask.all()) else mask)
             totals.add(score_logits(logits, ids, mask))
     return totals.metrics()

@@ -20,15 +20,14 @@ from pocketfed.model import lora
 def personalize_or_keep(model: Any, global_state: lora.AdapterState, rows: Blocks, cfg: TrainConfig, seed: int,
                         steps: int) -> tuple[lora.AdapterState, dict[str, Any]]:
     """The adapter this device ends with (its personal one, or the global one) and what was decided:
-    {"kept": bool, "val_loss_global", "val_loss_personal", "steps"}. `model` is the simulator's PEFT
-    model; `steps` is the most local steps (eval.personalize_steps), checked every 4."""
+    {"kept": bool, "val_loss_global", "val_loss_personal", "steps"}. `model` is the simulator's model
+    (a `DeviceModel`); `steps` is the most local steps (eval.personalize_steps), checked every 4."""
     from pocketfed.device.personal import personalize  # noqa: PLC0415
-    from pocketfed.device.task import wrap_peft  # noqa: PLC0415
 
     if steps <= 0:
         return global_state, {"kept": False, "reason": "eval.personalize_steps is 0"}
     try:
-        p = personalize(wrap_peft(model), global_state, rows, cfg, seed, max_steps=steps, eval_every=min(4, steps))
+        p = personalize(model, global_state, rows, cfg, seed, max_steps=steps, eval_every=min(4, steps))
     except ValueError as e:  # too little text to hold out a validation split
         return global_state, {"kept": False, "reason": str(e)}
     info = {"kept": p.kept, "val_loss_global": p.val_loss_global, "val_loss_personal": p.val_loss_personal,

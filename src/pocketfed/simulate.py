@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +38,6 @@ from pocketfed.device.trainer import train_steps
 from pocketfed.errors import UserError
 from pocketfed.evaluation import Metrics, evaluate
 from pocketfed.model import lora
-from pocketfed.model.zoo import load_base
 from pocketfed.per_device import personalization_summary, personalize_or_keep
 from pocketfed.privacy.budget import PrivacyRun, init_privacy
 from pocketfed.server import checkpoint, strategies
@@ -49,6 +46,7 @@ from pocketfed.server.availability import DroppingBackend
 from pocketfed.server import sampling
 from pocketfed.server.sampling import device_seed, split_population
 from pocketfed.transport import make_backend
+from pocketfed.transport.shared import load_simulator
 from pocketfed.protocol.messages import TrainResult
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -62,17 +60,6 @@ def pooled(blocks: list[Blocks]) -> Blocks:
 class RunResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def save_adapter(model, state: lora.AdapterState, folder: Path, model_id: str) -> None:
-    """Write `state` as a PEFT adapter folder (atomically), loadable by PeftModel.from_pretrained."""
-    lora.set_state(model, state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    model.peft_config["default"].base_model_name_or_path = model_id
-    model.save_pretrained(tmp, save_embedding_layers=False)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
 
 
 def simulate(
@@ -99,10 +86,11 @@ def simulate(
     write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     emit("stage", {"name": "loading model"})
-    base = load_base(cfg.model.name, cfg.model.cache_dir)
-    model = lora.attach(base.model, cfg.lora, seed=cfg.sim.seed)
-    init_params = lora.get_state(model)  # the round-0 global adapter (B = 0: equals the base model)
-    dataset = load_dataset(cfg.data, base.tokenizer)
+    # the lean Llama where it supports the model (no transformers, no PEFT), else transformers + PEFT
+    sim = load_simulator(cfg.model.name, cfg.model.cache_dir, cfg.lora, cfg.sim.seed)
+    model = sim.model
+    init_params = model.get_state()  # the round-0 global adapter (B = 0: equals the base model)
+    dataset = load_dataset(cfg.data, sim.tokenizer)
     pool, heldout = split_population(dataset.device_ids, cfg.sim.devices, cfg.sim.heldout, cfg.sim.seed)
     heldout_blocks = [dataset.device(d).test for d in heldout]
     ev = lambda blocks: evaluate(model, blocks, max_tokens=cfg.data.max_eval_tokens)  # noqa: E731
@@ -121,16 +109,16 @@ def simulate(
         state = strategies.init(init_params, cfg.server)
         (out / "metrics.jsonl").write_text("")
     release_free_memory()  # tokenizing left free heap pages: ~95 MB for Shakespeare under SmolLM2's tokenizer
-    backend = make_backend(cfg, model, base, dataset, on_done=lambda d: emit("device_done", {"device": d}))
+    backend = make_backend(cfg, sim, dataset, on_done=lambda d: emit("device_done", {"device": d}))
     # malicious devices (attack.kind): their tasks run `pocketfed.attack` instead of the honest task
     malicious = attack_mod.attackers(cfg.attack, pool)
-    bd = attack_mod.backdoor(cfg.attack, base.tokenizer) if malicious else None
+    bd = attack_mod.backdoor(cfg.attack, sim.tokenizer) if malicious else None
     if malicious:
         backend = attack_mod.AttackingBackend(backend, cfg.attack, malicious, bd, expected)
         trigger_prompts = attack_mod.prompts(heldout_blocks or [dataset.device(d).test for d in pool], bd)  # type: ignore[arg-type]
     if cfg.device.dropout:
         backend = DroppingBackend(backend, cfg.device.dropout, cfg.sim.seed)
-    fleet = fleet_mod.build(cfg, base.model.config, pool)  # profiles, plans (ranks); no budgets by default
+    fleet = fleet_mod.build(cfg, sim.shape, pool)  # profiles, plans (ranks); no budgets by default
     emit("setup", {"pool": len(pool), "heldout": len(heldout), "rounds": cfg.sim.rounds, "start_round": state.round})
 
     # ---- rounds ---------------------------------------------------------------------------------
@@ -197,10 +185,10 @@ def simulate(
             row["privacy"] = {k: metrics[k] for k in ("epsilon_recipients", "epsilon_coordinator", "clip_norm",
                                                       "unclipped_fraction")}
         if cfg.eval.every_round and heldout_blocks:
-            lora.set_state(model, state.params)
+            model.set_state(state.params)
             row["heldout"] = ev(heldout_blocks).as_dict()
         if malicious:
-            lora.set_state(model, state.params)
+            model.set_state(state.params)
             row["attack"] = {"devices": sorted(set(malicious) & set(sampled)),
                              "backdoor_success": attack_mod.backdoor_success(model, trigger_prompts, bd)}  # type: ignore[arg-type]
         row["seconds"] = time.perf_counter() - t_round
@@ -238,7 +226,7 @@ def simulate(
         for d in trained:
             kept, info = personalize_or_keep(model, state.params, dataset.device(d).train, cfg.train,
                                              device_seed(cfg.sim.seed, -1, f"personalized/{d}"), steps_per_device)
-            lora.set_state(model, kept)
+            model.set_state(kept)
             scores.append(ev([own_test[d]]))
             per_device[d]["personalized"] = {**scores[-1].as_dict(), **info}
             emit("device_done", {"device": d})
@@ -248,7 +236,7 @@ def simulate(
         """Each trained device: `steps_per_device` local steps from `start`, scored on its own test split."""
         per_device: list[Metrics] = []
         for d in trained:
-            lora.set_state(model, start)
+            model.set_state(start)
             if steps_per_device:
                 train_steps(model, start, dataset.device(d).train, cfg.train,
                             device_seed(cfg.sim.seed, -1, f"{seed_tag}/{d}"), steps=steps_per_device)
@@ -258,11 +246,11 @@ def simulate(
 
     if "base" in variants:
         emit("stage", {"name": "evaluating base"})
-        with model.disable_adapter():
-            record("base", each("base"), ev(heldout_blocks) if heldout_blocks else None)
+        model.set_state(init_params)  # B = 0: the LoRA branch adds exactly zero
+        record("base", each("base"), ev(heldout_blocks) if heldout_blocks else None)
     if "federated" in variants:
         emit("stage", {"name": "evaluating federated"})
-        lora.set_state(model, state.params)
+        model.set_state(state.params)
         record("federated", each("federated"), ev(heldout_blocks) if heldout_blocks else None)
     if "personalized" in variants:
         emit("stage", {"name": "personalizing", "total": len(trained)})
@@ -273,16 +261,15 @@ def simulate(
     if "centralized" in variants:
         steps = cfg.eval.centralized_steps or sum(row["local_steps"] for row in history)
         emit("stage", {"name": f"centralized ({steps} steps)"})
-        lora.set_state(model, init_params)
         train_steps(model, init_params, pooled([dataset.device(d).train for d in trained]), cfg.train,
                     device_seed(cfg.sim.seed, -1, "centralized"), steps=steps)
         record("centralized", ev(list(own_test.values())), ev(heldout_blocks) if heldout_blocks else None)
 
     # ---- outputs --------------------------------------------------------------------------------
-    save_adapter(model, state.params, out / "adapter", base.model_id)
+    lora.save_folder(state.params, out / "adapter", cfg.lora, sim.model_id)
     summary.update(
         {
-            "model": base.model_id,
+            "model": sim.model_id,
             "dataset": dataset.name,
             "devices": {"population": len(pool), "heldout": len(heldout), "trained": len(trained)},
             "rounds": len(history),  # run (a spent privacy budget stops early)
@@ -294,7 +281,7 @@ def simulate(
             "attack": ({"kind": cfg.attack.kind.value, "devices": malicious,
                         "backdoor_success": [row["attack"]["backdoor_success"] for row in history if "attack" in row]}
                        if malicious else None),
-            "model_bytes": sum(p.numel() * p.element_size() for p in base.model.parameters()),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.module.parameters()),
             "wall_seconds": time.perf_counter() - t_start,
             "train_seconds": train_seconds,
             "allocator": allocator(),  # jemalloc under `pocketfed simulate` where installed (pocketfed.memory)

@@ -18,15 +18,13 @@ from safetensors.torch import load as st_load
 
 from pocketfed.config import load_config
 from pocketfed.data.federated import load_dataset
-from pocketfed.model import lora
-from pocketfed.model.zoo import load_base
 from pocketfed.privacy import dp
 from pocketfed.protocol.messages import TrainTask
 from pocketfed.server import checkpoint
 from pocketfed.server import coordinator as co
 from pocketfed.simulate import simulate
 from pocketfed.transport.inprocess import InProcessBackend
-from pocketfed.transport.shared import simulator_model
+from pocketfed.transport.shared import load_simulator
 from tests.unit.deploy.http_fixtures import OK, Clock, app_for, operator_token
 from tests.unit.deploy.test_http_secagg import Party
 
@@ -65,14 +63,13 @@ class Fleet:
     """Devices of a deployment: each trains with the simulator's device task on its own data."""
 
     def __init__(self, tmp_path, cfg, n: int, clock: Clock):
-        base = load_base("tiny")
-        self.model = lora.attach(base.model, cfg.lora, seed=cfg.sim.seed)
-        init = lora.get_state(self.model)  # the simulator's round-0 adapter, from the same seed
-        self.dataset = load_dataset(cfg.data, base.tokenizer)
-        self.coordinator = co.open_coordinator(tmp_path / "state", cfg, base.model_id, lambda: init)
+        sim = load_simulator("tiny", "", cfg.lora, cfg.sim.seed)  # the simulator's model, from the same seed
+        init = sim.model.get_state()  # the simulator's round-0 adapter
+        self.dataset = load_dataset(cfg.data, sim.tokenizer)
+        self.coordinator = co.open_coordinator(tmp_path / "state", cfg, sim.model_id, lambda: init)
         app = app_for(self.coordinator, clock)
         self.parties = [Party(app, f"dev{i}") for i in range(n)]  # registered as dev0..dev{n-1}
-        self.backend = InProcessBackend(simulator_model(self.model, base.path, cfg.lora, cfg.sim.seed), self.dataset)
+        self.backend = InProcessBackend(sim.model, self.dataset)
         self.cfg = cfg
 
     def train(self, p: Party):

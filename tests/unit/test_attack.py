@@ -9,6 +9,8 @@ import torch
 from pocketfed import attack
 from pocketfed.config import AttackConfig, AttackKind, load_config
 from pocketfed.data.federated import Blocks
+from pocketfed.device.planner import Backend
+from pocketfed.device.task import DeviceModel
 from pocketfed.errors import UserError
 from pocketfed.privacy.pipeline import PrivacyPlan, device_privatize
 from pocketfed.protocol.messages import TrainResult, TrainTask
@@ -84,14 +86,17 @@ def test_rewrite_each_kind():
     assert math.hypot(*vec) == pytest.approx(1.0, rel=1e-6)
 
 
-class Echo(torch.nn.Module):
+class EchoModule(torch.nn.Module):
     """A 'model' whose greedy next token is (last token + 1) mod 10, unless it saw token 8: then 9."""
 
-    def forward(self, input_ids):
-        last = input_ids[:, -1]
+    def forward(self, ids, mask=None):
+        last = ids[:, -1]
         nxt = torch.where(last == 8, torch.full_like(last, 9), (last + 1) % 10)
-        logits = torch.nn.functional.one_hot(nxt, 16).float()[:, None, :].expand(-1, input_ids.shape[1], -1)
-        return type("Out", (), {"logits": logits})()
+        return torch.nn.functional.one_hot(nxt, 16).float()[:, None, :].expand(-1, ids.shape[1], -1)
+
+
+def Echo() -> DeviceModel:  # noqa: N802  (reads as the model it stands for)
+    return DeviceModel(EchoModule(), Backend.lean, {}, loss=lambda ids, mask: torch.zeros(()))
 
 
 def test_backdoor_success_is_the_share_of_prompts_continuing_with_the_target():

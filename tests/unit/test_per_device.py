@@ -7,6 +7,7 @@ import torch
 
 from pocketfed.config import LoraConfig, TrainConfig
 from pocketfed.data.federated import to_blocks
+from pocketfed.device.task import wrap_peft
 from pocketfed.model import lora
 from pocketfed.per_device import personalization_summary, personalize_or_keep
 
@@ -29,8 +30,8 @@ def rows():
 
 
 def test_a_personal_adapter_that_learns_is_kept(tiny_base):
-    model = lora.attach(tiny_base.model, LoraConfig(), seed=0)
-    global_state = lora.get_state(model)
+    model = wrap_peft(lora.attach(tiny_base.model, LoraConfig(), seed=0))
+    global_state = model.get_state()
     state, info = personalize_or_keep(model, global_state, rows(), TrainConfig(lr=5e-3, batch_size=4), seed=0, steps=8)
     assert info["kept"] and info["val_loss_personal"] < info["val_loss_global"]
     assert any(not torch.equal(state[k], global_state[k]) for k in global_state)
@@ -38,8 +39,8 @@ def test_a_personal_adapter_that_learns_is_kept(tiny_base):
 
 def test_a_personal_adapter_that_does_not_beat_the_global_one_is_dropped(tiny_base):
     """lr 0: training cannot move the adapter, so it cannot beat the global one on validation."""
-    model = lora.attach(tiny_base.model, LoraConfig(), seed=0)
-    global_state = lora.get_state(model)
+    model = wrap_peft(lora.attach(tiny_base.model, LoraConfig(), seed=0))
+    global_state = model.get_state()
     state, info = personalize_or_keep(model, global_state, rows(), TrainConfig(lr=0.0, batch_size=4), seed=0, steps=4)
     assert not info["kept"] and info["val_loss_personal"] == info["val_loss_global"]
     assert state is global_state

@@ -55,6 +55,6 @@ def test_train_steps_is_the_device_loop_from_the_given_state(tiny_base):
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2)
     ref = run_task(model, data, TrainTask(0, "d", g, cfg, seed=3))
     model.set_state({k: v + 1.0 for k, v in g.items()})  # train_steps starts from the state it is given
-    tokens, metrics = train_steps(model.module, g, data, cfg, seed=3)
+    tokens, metrics = train_steps(model, g, data, cfg, seed=3)
     assert tokens == ref.num_tokens and metrics["steps"] == 2.0
     assert all(torch.equal(model.get_state()[k] - g[k], ref.update[k]) for k in g)

@@ -211,12 +211,12 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     dcfg = DataConfig(dataset="textdir", path=str(data_dir), **task.data.model_dump())
     folder, _ = resolve(task.model)
     backend = backend_for(folder) if profile is not None else Backend.peft
-    base = None
+    sim = None
     if profile is None:  # no budget: the simulator's model and tokenizer, as `pocketfed simulate` loads them
-        from pocketfed.model.zoo import load_base
+        from pocketfed.transport.shared import load_simulator
 
-        base = load_base(task.model)
-        tokenizer: Any = base.tokenizer
+        sim = load_simulator(task.model, "", lcfg, seed=0)  # A is overwritten by the global adapter
+        tokenizer: Any = sim.tokenizer
     elif backend is Backend.lean:
         from pocketfed.device.leanmodel import Tokenizer
 
@@ -229,13 +229,8 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     split = dataset.device(device_id)
     rows, test = split.train, split.test
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if base is not None:
-        from pocketfed.model import lora
-
-        from pocketfed.transport.shared import simulator_model
-
-        # A is overwritten by the global adapter
-        return Session(simulator_model(lora.attach(base.model, lcfg, seed=0), folder, lcfg, seed=0), None, rows, key, test)
+    if sim is not None:
+        return Session(sim.model, None, rows, key, test)
     del dataset, tokenizer
     gc.collect()
     release_free_memory()  # the tokenizer's memory (~35 MB for SmolLM2's) goes back before this process is measured

@@ -45,9 +45,8 @@ class Fleet:
     global_rank: int
 
 
-def build(cfg: RunConfig, model_config: Any, pool: list[str]) -> Fleet:
+def build(cfg: RunConfig, shape: ModelShape, pool: list[str]) -> Fleet:
     """Assign profiles (uniformly from device.profiles, fixed by seed) and plan each profile once."""
-    shape = ModelShape.from_config(model_config)
     mix = cfg.device.profiles
     profiles = load_profiles(cfg.device.profiles_file)
     unknown = [p for p in mix if p not in profiles]

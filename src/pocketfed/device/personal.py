@@ -27,11 +27,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from pocketfed.config import LoraConfig, TrainConfig
@@ -40,6 +38,9 @@ from pocketfed.device import ledger
 from pocketfed.device.task import DeviceModel, train, wrap_peft
 from pocketfed.model import lora
 from pocketfed.model.depth import layers_of
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 VAL_FRACTION = 0.2
 

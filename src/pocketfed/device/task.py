@@ -75,6 +75,12 @@ class DeviceModel:
             for k, p in self.params.items():
                 p.copy_(state[k])
 
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [B, T, V] of rows ids [B, T]; mask [B, T] (True = real token), None = all real."""
+        if self.backend is Backend.lean:
+            return self.module(ids, mask)
+        return self.module(input_ids=ids, attention_mask=None if mask is None else mask.long()).logits
+
 
 # ---- the backends -------------------------------------------------------------------------------
 

@@ -41,11 +41,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dp_accounting
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
+if TYPE_CHECKING:  # dp_accounting (with the scipy modules it loads: ~70 MB of a process) is imported
+    # where epsilon is computed, so a run without differential privacy never loads it
+    import dp_accounting
 
 Method = Literal["rdp", "pld"]
 _METHODS = ("rdp", "pld")
@@ -65,6 +65,9 @@ def _check(noise_multiplier: float | None, sample_rate: float, rounds: int, delt
 
 
 def _accountant(method: Method) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     if method == "rdp":
         return RdpAccountant()
     if method == "pld":
@@ -74,6 +77,8 @@ def _accountant(method: Method) -> dp_accounting.PrivacyAccountant:
 
 def dp_event(noise_multiplier: float, sample_rate: float, rounds: int) -> dp_accounting.DpEvent:
     """SelfComposed(PoissonSampled(q, Gaussian(z)), rounds)."""
+    import dp_accounting
+
     round_event = dp_accounting.PoissonSampledDpEvent(
         sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
     )
@@ -82,6 +87,8 @@ def dp_event(noise_multiplier: float, sample_rate: float, rounds: int) -> dp_acc
 
 def composed_event(groups: Sequence[Group]) -> dp_accounting.DpEvent:
     """Composed(SelfComposed(PoissonSampled(q, Gaussian(z)), count) for each (q, z, count) group)."""
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent([dp_event(z, q, count) for q, z, count in groups if count])
 
 
@@ -119,6 +126,8 @@ def calibrate(target_epsilon: float, delta: float, rounds: int, sample_rate: flo
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
     if rounds == 0:
         return 0.0
+    import dp_accounting
+
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: _accountant(method),
         lambda z: dp_event(z, sample_rate, rounds),

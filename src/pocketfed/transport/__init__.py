@@ -8,17 +8,17 @@ from pocketfed.config import Backend as BackendKind
 
 if TYPE_CHECKING:
     from pocketfed.transport.inprocess import Backend
+    from pocketfed.transport.shared import SimulatorModel
 
 
-def make_backend(cfg, model, base, dataset, on_done: Callable[[str], None] | None = None) -> "Backend":
+def make_backend(cfg, sim: "SimulatorModel", dataset, on_done: Callable[[str], None] | None = None) -> "Backend":
     """The backend named by cfg.sim.backend. All share the seam `run(tasks) -> results`, `close()`."""
     if cfg.sim.backend is BackendKind.inprocess:
         from pocketfed.transport.inprocess import InProcessBackend
-        from pocketfed.transport.shared import simulator_model
 
-        return InProcessBackend(simulator_model(model, base.path, cfg.lora, cfg.sim.seed), dataset, on_done)
+        return InProcessBackend(sim.model, dataset, on_done)
     if cfg.sim.backend is BackendKind.ray:
         from pocketfed.transport.ray_backend import RayBackend
 
-        return RayBackend(cfg, base, dataset, on_done)
+        return RayBackend(cfg, sim, dataset, on_done)
     raise ValueError(f"unknown backend {cfg.sim.backend}")

@@ -1,8 +1,7 @@
 """The in-process backend: every virtual device runs in this process, one after another, on
 one shared base model (one copy in memory whatever the number of devices), through the device
-task every device runs (`pocketfed.device.task.run_task`). The model is the simulator's base
-weights under the lean Llama where it fits, else the simulator's PEFT model
-(`pocketfed.transport.shared.simulator_model`).
+task every device runs (`pocketfed.device.task.run_task`). The model is the simulator's own
+(`pocketfed.transport.shared.load_simulator`): the lean Llama where it fits, else transformers + PEFT.
 
 The seam every backend implements (the server loop talks to nothing else):
     run(tasks) -> results      (a TrainResult or a Dropout per task, in task order)

@@ -45,7 +45,7 @@ from pocketfed.device.task import run_task
 from pocketfed.errors import UserError
 from pocketfed.memory import allocator, jemalloc_env, release_free_memory
 from pocketfed.protocol.messages import Dropout, TrainResult, TrainTask
-from pocketfed.transport.shared import SharedWeights, device_model, share_base
+from pocketfed.transport.shared import SharedWeights, SimulatorModel, device_model, share_base
 
 MB = 1 << 20
 WATCHDOG_SECONDS = 0.05
@@ -148,7 +148,7 @@ def adopt_shared(model: torch.nn.Module, shared: SharedWeights) -> None:
 
 
 class RayBackend:
-    def __init__(self, cfg, base, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
+    def __init__(self, cfg, sim: SimulatorModel, dataset: FederatedDataset, on_done: Callable[[str], None] | None = None):
         try:
             import ray
         except ImportError:
@@ -156,7 +156,8 @@ class RayBackend:
         self.ray = ray
         self.dataset = dataset
         self.on_done = on_done
-        model_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+        model = sim.model.module
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._started_ray = False
         if not ray.is_initialized():
             self._started_ray = True
@@ -174,8 +175,8 @@ class RayBackend:
                 f"a device declares sim.device_cpus={cpus} and {memory // MB} MB (sim.device_memory_mb)")
         # As many workers as the cluster could run at once (Ray's scheduler holds the rest back).
         self.n_workers = max(1, min(int(cluster["CPU"] // cpus), int(cluster["memory"] // memory)))
-        self._weights = ray.put(share_base(base.model, base.path))  # the one copy of the base model
-        adopt_shared(base.model, ray.get(self._weights))  # the driver reads it from the store too
+        self._weights = ray.put(share_base(model, sim.path))  # the one copy of the base model
+        adopt_shared(model, ray.get(self._weights))  # the driver reads it from the store too
         # jemalloc named for the workers, also on a cluster, where they do not inherit the driver's environment
         self._actor_cls = ray.remote(DeviceWorker).options(
             num_cpus=cpus, memory=memory, max_restarts=0, max_concurrency=1, runtime_env={"env_vars": jemalloc_env()})

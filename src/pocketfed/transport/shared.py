@@ -8,6 +8,11 @@ the model, devices train it, as a real device process does: no transformers or P
 training path, and its loss keeps one [N, V] tensor of logits instead of transformers' logits,
 shifted copy and log-softmax. Other models train in transformers + PEFT. The two agree to float32
 rounding (tests/unit/device/test_task.py).
+
+The simulator itself holds the same model (`load_simulator`): it evaluates, personalizes and saves
+through it, so where the lean Llama fits, `pocketfed simulate` imports neither transformers nor PEFT
+on its way through the rounds (~120 MB less in the coordinating process; PEFT writes the adapter
+folder's config at the end).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import torch
 from pocketfed.config import LoraConfig
 from pocketfed.device import leanmodel
 from pocketfed.device.leanmodel import LeanConfig
+from pocketfed.device.lowmem import Precision
 from pocketfed.device.planner import Backend, backend_for
+from pocketfed.device.shape import ModelShape
 from pocketfed.device.task import DeviceModel, wrap_peft
 
 
@@ -48,6 +55,7 @@ def share_base(model: torch.nn.Module, folder: Path | None = None) -> SharedWeig
     restored and the LoRA tensors left out, so a worker builds the plain model and attaches LoRA
     itself. `folder`, the model's folder, lets workers train the lean Llama if it supports it."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lean_model = isinstance(inner, leanmodel.LeanLlama)
 
     def groups(named) -> tuple[list[np.ndarray], list[list[str]]]:
         by_ptr: dict[int, int] = {}
@@ -68,9 +76,13 @@ def share_base(model: torch.nn.Module, folder: Path | None = None) -> SharedWeig
     p_arrays, p_names = groups(inner.named_parameters(remove_duplicate=False))
     b_arrays, b_names = groups(inner.named_buffers(remove_duplicate=False))
     lean = None
-    if folder is not None and backend_for(folder) is Backend.lean and all(a.dtype == np.float32 for a in p_arrays):
+    fp32 = all(a.dtype == np.float32 for a in p_arrays)
+    if lean_model and fp32:
+        lean = inner.config
+    elif folder is not None and backend_for(folder) is Backend.lean and fp32:
         lean = LeanConfig.from_folder(folder)
-    return SharedWeights(inner.config.to_dict(), p_arrays + b_arrays, p_names, b_names, lean)
+    config = {} if lean_model else inner.config.to_dict()  # only build_base reads it (models the lean Llama can't train)
+    return SharedWeights(config, p_arrays + b_arrays, p_names, b_names, lean)
 
 
 def _views(shared: SharedWeights) -> list[torch.Tensor]:
@@ -138,8 +150,34 @@ def device_model(shared: SharedWeights, lora_cfg: LoraConfig, seed: int) -> Devi
     return DeviceModel(model, Backend.lean, params, model.loss)
 
 
-def simulator_model(model: torch.nn.Module, folder: Path, lora_cfg: LoraConfig, seed: int) -> DeviceModel:
-    """What the in-process backend trains: the lean Llama on `model`'s own base tensors (no copy)
-    where it supports the model, else `model` itself (the simulator's PEFT model)."""
-    shared = share_base(model, folder)
-    return device_model(shared, lora_cfg, seed) if shared.lean is not None else wrap_peft(model)
+@dataclasses.dataclass
+class SimulatorModel:
+    """The simulator's model (LoRA attached) and what came with it."""
+
+    model: DeviceModel  # evaluated, personalized and saved by the simulator; trained by the in-process backend
+    tokenizer: Any  # `leanmodel.Tokenizer` beside the lean Llama, else transformers' tokenizer
+    model_id: str  # a stable id (`zoo.resolve`)
+    path: Path  # the folder the weights came from
+    shape: ModelShape
+
+
+def load_simulator(name: str, cache_dir: str, lora_cfg: LoraConfig, seed: int) -> SimulatorModel:
+    """The base model `name` (a zoo name or folder, `zoo.resolve`) in float32 with LoRA (A drawn under
+    `seed`, as `lora.attach` draws it): the lean Llama and the `tokenizers` library where the lean
+    Llama supports the model, else transformers + PEFT (`zoo.load_base`, `lora.attach`)."""
+    from pocketfed.model.zoo import resolve
+
+    folder, model_id = resolve(name, cache_dir)
+    shape = ModelShape.from_folder(folder)
+    if backend_for(folder) is Backend.lean:
+        lean = leanmodel.load(folder, Precision.fp32)
+        leanmodel.attach_lora(lean, lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules, seed, lora_cfg.dropout,
+                              lora_cfg.layers)
+        params = {leanmodel.PEFT_PREFIX + n: p for n, p in lean.named_parameters() if p.requires_grad}
+        return SimulatorModel(DeviceModel(lean, Backend.lean, params, lean.loss), leanmodel.Tokenizer(folder),
+                              model_id, folder, shape)
+    from pocketfed.model import lora
+    from pocketfed.model.zoo import load_base
+
+    base = load_base(name, cache_dir)
+    return SimulatorModel(wrap_peft(lora.attach(base.model, lora_cfg, seed)), base.tokenizer, model_id, folder, shape)
