@@ -53,7 +53,7 @@ def throughput() -> list[dict[str, Any]]:
     ids = torch.randint(100, 40000, (BATCH * STEPS, SEQ), generator=g)
     blocks = Blocks(ids, torch.ones_like(ids, dtype=torch.bool))
     init = lora.get_state(model)
-    cfg = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-3)
+    cfg = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-3, micro_tokens=0)  # whole batches, as the bare loop runs them
     ours, bare = [], []
     _bare_loop(model, ids, 1, 1e-3)  # warm-up
     for _ in range(REPS):  # interleaved, so machine noise hits both alike

@@ -104,6 +104,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     prox_mu: float = 0.0  # FedProx proximal term weight (0 = plain local SGD)
+    # where a device's plan sets no micro-batch (the simulator's devices, a device without a profile), a
+    # step's rows run at most this many tokens at a time (0 = all at once): the gradient is the batch's
+    # either way, and the activations held halve with each halving (docs/BENCHMARKS.md, bench_scale)
+    micro_tokens: int = 128
 
 
 @dataclass
@@ -407,6 +411,7 @@ def validate(cfg: RunConfig) -> None:
         (0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction must be between 0 and 1"),
         (cfg.train.steps > 0 or cfg.train.epochs > 0, "set train.steps or train.epochs above 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.micro_tokens >= 0, "train.micro_tokens must be 0 (the whole batch at once) or positive"),
         (cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.prox_mu >= 0, "train.prox_mu must be 0 or positive"),
         (cfg.sim.rounds >= 1, "sim.rounds must be at least 1"),

@@ -75,7 +75,7 @@ def test_failures_and_memory_overruns_are_dropouts():
     d0, d1 = dataset.device_ids[:2]
     d2 = max(dataset.device_ids[:40], key=lambda d: len(dataset.device(d).train))
     rows = len(dataset.device(d2).train)
-    huge = dataclasses.replace(cfg.train, steps=1, batch_size=rows)  # logits alone: rows x 32 x 49k floats
+    huge = dataclasses.replace(cfg.train, steps=1, batch_size=rows, micro_tokens=0)  # at once: rows x 32 x 49k logits
     assert rows * 32 * len(base.tokenizer) * 4 > 900 * MB  # more than the device declared
     tasks = [
         TrainTask(0, d0, g, cfg.train, device_seed(0, 0, d0)),

@@ -23,6 +23,7 @@ def test_defaults_file_and_overrides(tmp_path):
         (["sim.rounds=two"], "'sim.rounds' must be an integer"),
         (["sim.rounds=0"], "sim.rounds must be at least 1"),
         (["train.lr"], "--set takes key=value"),
+        (["train.micro_tokens=-1"], "train.micro_tokens must be 0 (the whole batch at once) or positive"),
     ],
 )
 def test_bad_config_is_one_clear_sentence(overrides, words):

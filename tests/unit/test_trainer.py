@@ -5,7 +5,7 @@ import torch
 
 from pocketfed.config import TrainConfig
 from pocketfed.data.federated import to_blocks
-from pocketfed.device.task import batches, run_task, wrap_peft
+from pocketfed.device.task import batches, micro_rows, run_task, wrap_peft
 from pocketfed.device.trainer import train_steps
 from pocketfed.model import lora
 from pocketfed.protocol.messages import TrainTask
@@ -58,3 +58,24 @@ def test_train_steps_is_the_device_loop_from_the_given_state(tiny_base):
     tokens, metrics = train_steps(model, g, data, cfg, seed=3)
     assert tokens == ref.num_tokens and metrics["steps"] == 2.0
     assert all(torch.equal(model.get_state()[k] - g[k], ref.update[k]) for k in g)
+
+
+def test_micro_rows_by_hand():
+    cfg = TrainConfig(batch_size=4, micro_tokens=128)
+    assert [micro_rows(cfg, t) for t in (32, 64, 100, 128, 512)] == [4, 2, 1, 1, 1]  # never below one row
+    assert micro_rows(TrainConfig(batch_size=4, micro_tokens=0), 64) == 4  # 0: the whole batch at once
+
+
+def test_micro_batches_give_the_batch_gradient(tiny_base):
+    """train.micro_tokens splits a step's rows (here 4 rows of 32 tokens into 4, 2 and 1 micro-batches);
+    the token-weighted losses add up to the batch's, so the update is the same to float rounding (which
+    Adam's first steps magnify where a gradient is near 0, as in test_task.py)."""
+    model, g, data = _setup(tiny_base)
+    updates = {}
+    for tokens in (32, 64, 0):
+        cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, micro_tokens=tokens)
+        updates[tokens] = run_task(model, data, TrainTask(0, "d", g, cfg, seed=5)).update
+    for tokens in (32, 64):
+        for k in g:
+            torch.testing.assert_close(updates[tokens][k], updates[0][k], rtol=0, atol=1e-5)
+    assert any(updates[0][k].abs().sum() > 0 for k in g)

@@ -13,7 +13,8 @@ The loop (`train`). Local objective (FedProx, Li et al. 2020, "Federated Optimiz
 Heterogeneous Networks"), w the adapter, w_0 the adapter it starts from (the global one):
     min_w  L_k(w) + (mu / 2) ||w - w_0||^2          (mu = 0: plain FedAvg local training)
 Each step takes a batch of rows in an order fixed by the seed (shuffled epochs, reshuffled when
-one runs out) and splits it into micro-batches of the plan. Micro-batch j's mean loss L_j over
+one runs out) and splits it into micro-batches: the plan's, or train.micro_tokens' worth of rows
+where the model has no plan (`micro_rows`). Micro-batch j's mean loss L_j over
 its n_j target tokens is weighted by n_j / n (n: the batch's target tokens) and backpropagated;
 the gradients accumulate to those of the batch's mean loss sum_j (n_j / n) L_j. The proximal
 term's gradient is added once, the gradient norm clipped to max_grad_norm, then one AdamW step
@@ -179,6 +180,12 @@ def batches(n_rows: int, batch_size: int, steps: int, generator: torch.Generator
         pos += batch_size
 
 
+def micro_rows(cfg: TrainConfig, seq_len: int) -> int:
+    """Rows per micro-batch where the model's plan sets none: cfg.micro_tokens' worth (at least one
+    row), or the whole batch (micro_tokens 0)."""
+    return max(1, cfg.micro_tokens // seq_len) if cfg.micro_tokens else cfg.batch_size
+
+
 def train(model: DeviceModel, data: Blocks, cfg: TrainConfig, seed: int,
           steps: int | None = None) -> tuple[int, dict[str, float]]:
     """Local steps in place on `model`, from the adapter it holds (w_0). -> (tokens trained on, metrics)."""
@@ -187,7 +194,7 @@ def train(model: DeviceModel, data: Blocks, cfg: TrainConfig, seed: int,
     opt = leanmodel.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n_steps = steps if steps is not None else num_steps(cfg, len(data))
-    micro = model.micro_batch or cfg.batch_size
+    micro = model.micro_batch or micro_rows(cfg, data.input_ids.shape[1])
     tokens, loss_sum = 0, 0.0
     model.module.train()
     with torch.random.fork_rng():

@@ -105,6 +105,7 @@ class TrainSpec(Strict):
     weight_decay: Finite
     max_grad_norm: Finite
     prox_mu: Finite
+    micro_tokens: int = Field(default=0, ge=0, le=2**20)  # absent (an older coordinator): the whole batch at once
 
 
 class SignedManifest(Strict):

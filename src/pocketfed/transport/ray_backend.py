@@ -177,6 +177,7 @@ class RayBackend:
         self.n_workers = max(1, min(int(cluster["CPU"] // cpus), int(cluster["memory"] // memory)))
         self._weights = ray.put(share_base(model, sim.path))  # the one copy of the base model
         adopt_shared(model, ray.get(self._weights))  # the driver reads it from the store too
+        release_free_memory()  # its own copy's pages, now free, go back at once (not at the allocator's leisure)
         # jemalloc named for the workers, also on a cluster, where they do not inherit the driver's environment
         self._actor_cls = ray.remote(DeviceWorker).options(
             num_cpus=cpus, memory=memory, max_restarts=0, max_concurrency=1, runtime_env={"env_vars": jemalloc_env()})
