@@ -6,8 +6,9 @@ Workloads (each run in its own process, its whole process tree watched for memor
   2 threads against pocketfed's in-process backend (2 torch threads), and Flower at 2 actors x 1
   thread against `--backend ray --set sim.device_cpus=1` (2 Ray workers). Flower runs pocketfed's
   own data, sampling seeds and device task (bench/flower_app.py, in bench/.flwr-venv): the same
-  tokens; its ClientApp trains the transformers + PEFT model, as Flower's LLM examples do, while
-  pocketfed's backends train the lean Llama (the same maths to float32 rounding). pocketfed runs
+  tokens; its ClientApp trains the transformers + PEFT model on whole batches, as Flower's LLM
+  examples do, while pocketfed's backends train the lean Llama 128 tokens at a time (its default
+  `train.micro_tokens`; the same maths to float32 rounding). pocketfed runs
   under jemalloc, as `pocketfed simulate` re-runs itself (`pocketfed.memory.reexec_under_jemalloc`);
   Flower under glibc's malloc, as it ships. Medians of
   `REPEATS` runs per engine.

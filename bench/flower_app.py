@@ -16,6 +16,7 @@ model (once per actor, cached), and adapters travel as Flower ArrayRecords.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -68,7 +69,10 @@ def train(msg: Message, context: Context) -> Message:
     device = w["pool"][int(context.node_config["partition-id"])]
     round_ = int(msg.content["config"]["server-round"]) - 1
     global_adapter = msg.content["arrays"].to_torch_state_dict()
-    task = TrainTask(round_, device, global_adapter, w["cfg"].train, device_seed(w["cfg"].sim.seed, round_, device))
+    # whole batches, as a plain PEFT loop (Flower's LLM examples) runs them; pocketfed's devices run
+    # train.micro_tokens at a time (the same gradient to float32 rounding)
+    whole = dataclasses.replace(w["cfg"].train, micro_tokens=0)
+    task = TrainTask(round_, device, global_adapter, whole, device_seed(w["cfg"].sim.seed, round_, device))
     result = run_task(wrap_peft(w["model"]), w["dataset"].device(device).train, task)
     trained = lora.add(global_adapter, result.update)  # Flower's FedAvg averages models, not updates
     metrics = MetricRecord({"num-examples": result.num_tokens, "train_loss": result.metrics["train_loss"]})

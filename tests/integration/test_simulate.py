@@ -160,3 +160,24 @@ def test_attack_distributed_dropouts_are_accounted_in_the_simulator(tmp_path):
     truth = direct([z * (m / n) ** 0.5 if m else z for m in survivors])
     assert result.summary["privacy"]["epsilon_recipients"] == pytest.approx(truth, rel=0.01)
     assert result.summary["privacy"]["epsilon_recipients"] > 1.01 * direct([z] * len(survivors))
+
+
+def test_a_model_the_lean_llama_refuses_simulates_in_transformers_and_peft(tmp_path, tiny_base):
+    """The simulator's fallback (`transport.shared.load_simulator`): a Llama with GELU (the lean Llama has
+    SiLU only) runs every variant through transformers + PEFT, and its adapter loads with PEFT."""
+    import shutil
+
+    folder = tmp_path / "gelu-llama"
+    shutil.copytree(tiny_base.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    result = simulate(tiny_config(model={"name": str(folder)}), tmp_path / "run")
+    for v in VARIANTS:
+        assert result.summary[v]["perplexity"] > 0
+    assert result.summary["model"].startswith("gelu-llama@")
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "run" / "adapter")
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert peft_model.peft_config["default"].base_model_name_or_path == result.summary["model"]
