@@ -59,20 +59,10 @@ def train_personal(model: PeftModel, global_state: lora.AdapterState, data: Bloc
 
 
 def save_personal(model: PeftModel, state: lora.AdapterState, home: str | Path) -> Path:
-    """Write `state` as `<home>/personal_adapter/` (a PEFT adapter folder), atomically."""
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    folder = home / PERSONAL_DIR
+    """Write `state` as `<home>/personal_adapter/` (a PEFT adapter folder, `model`'s config), atomically."""
+    folder = Path(home) / PERSONAL_DIR
     lora.set_state(model, state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PERSONAL_DIR}-", dir=home))
-    try:
-        model.save_pretrained(tmp, save_embedding_layers=False)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    lora.write_folder(state, folder, model.peft_config["default"])
     return folder
 
 

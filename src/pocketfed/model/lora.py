@@ -86,17 +86,23 @@ def set_state(model: PeftModel, state: AdapterState) -> None:
 
 
 def save_folder(state: AdapterState, folder: Path, cfg: LoraConfig, model_id: str) -> None:
+    """Write `state` as a PEFT adapter folder for the base `model_id` (`write_folder`), from our config."""
+    config = peft_config(cfg, layers_of(state) if cfg.layers else None)
+    config.base_model_name_or_path = model_id
+    write_folder(state, folder, config)
+
+
+def write_folder(state: AdapterState, folder: Path, config: PeftLoraConfig) -> None:
     """Write `state` as a PEFT adapter folder (adapter_model.safetensors + adapter_config.json, what
     `PeftModel.save_pretrained` writes), atomically: loadable by `PeftModel.from_pretrained` on the
-    base `model_id`. No model is needed: the state's keys are PEFT's saved names."""
+    base `config.base_model_name_or_path`. No model is needed: the state's keys are PEFT's saved names."""
     from safetensors.torch import save_file
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
-        config = peft_config(cfg, layers_of(state) if cfg.layers else None)
-        config.base_model_name_or_path = model_id
         config.save_pretrained(str(tmp))
         if folder.exists():
             shutil.rmtree(folder)
