@@ -210,7 +210,7 @@ def open_session(task: wire.TaskSpec, data_dir: Path, device_id: str, profile: D
     lcfg = LoraConfig(**task.lora.model_dump())
     dcfg = DataConfig(dataset="textdir", path=str(data_dir), **task.data.model_dump())
     folder, _ = resolve(task.model)
-    backend = backend_for(folder) if profile is not None else Backend.peft
+    backend = backend_for(folder)
     sim = None
     if profile is None:  # no budget: the simulator's model and tokenizer, as `pocketfed simulate` loads them
         from pocketfed.transport.shared import load_simulator

@@ -107,6 +107,12 @@ def wrap_peft(model: nn.Module, micro_batch: int = 0) -> DeviceModel:
     return DeviceModel(model, Backend.peft, params, lambda ids, mask: peft_loss(model, ids, mask), micro_batch)
 
 
+def wrap_lean(model: leanmodel.LeanLlama, micro_batch: int = 0) -> DeviceModel:
+    """A lean Llama with LoRA attached (`leanmodel.attach_lora`) as a DeviceModel."""
+    params = {leanmodel.PEFT_PREFIX + n: p for n, p in model.named_parameters() if p.requires_grad}
+    return DeviceModel(model, Backend.lean, params, model.loss, micro_batch)
+
+
 def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float = 0.0) -> DeviceModel:
     """The base of `folder` under `plan` (backend, precision, checkpointing) with LoRA at the plan's
     rank and targets on its top `plan.layers` layers (0 = all); A drawn under `seed` (as `lora.attach` draws it; the global adapter overwrites it)."""
@@ -123,8 +129,7 @@ def load_model(folder: Path, plan: Plan, alpha: float, seed: int, dropout: float
     lean = leanmodel.load(folder, plan.precision)
     lean.checkpointing, lean.keep_rebuilt = plan.checkpointing, plan.keep_rebuilt
     leanmodel.attach_lora(lean, plan.rank, alpha, plan.target_modules, seed, dropout, plan.layers)
-    params = {leanmodel.PEFT_PREFIX + n: p for n, p in lean.named_parameters() if p.requires_grad}
-    return DeviceModel(lean, Backend.lean, params, lean.loss, plan.micro_batch)
+    return wrap_lean(lean, plan.micro_batch)
 
 
 def warm_up(targets: tuple[str, ...]) -> None:

@@ -31,7 +31,7 @@ from pocketfed.device.leanmodel import LeanConfig
 from pocketfed.device.lowmem import Precision
 from pocketfed.device.planner import Backend, backend_for
 from pocketfed.device.shape import ModelShape
-from pocketfed.device.task import DeviceModel, wrap_peft
+from pocketfed.device.task import DeviceModel, wrap_lean, wrap_peft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +143,13 @@ def device_model(shared: SharedWeights, lora_cfg: LoraConfig, seed: int) -> Devi
         from pocketfed.model import lora
 
         return wrap_peft(lora.attach(build_base(shared), lora_cfg, seed=seed))
-    model = build_lean(shared)
+    return _with_lora(build_lean(shared), lora_cfg, seed)
+
+
+def _with_lora(model: leanmodel.LeanLlama, lora_cfg: LoraConfig, seed: int) -> DeviceModel:
     leanmodel.attach_lora(model, lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules, seed, lora_cfg.dropout,
                           lora_cfg.layers)
-    params = {leanmodel.PEFT_PREFIX + n: p for n, p in model.named_parameters() if p.requires_grad}
-    return DeviceModel(model, Backend.lean, params, model.loss)
+    return wrap_lean(model)
 
 
 @dataclasses.dataclass
@@ -170,12 +172,8 @@ def load_simulator(name: str, cache_dir: str, lora_cfg: LoraConfig, seed: int) -
     folder, model_id = resolve(name, cache_dir)
     shape = ModelShape.from_folder(folder)
     if backend_for(folder) is Backend.lean:
-        lean = leanmodel.load(folder, Precision.fp32)
-        leanmodel.attach_lora(lean, lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules, seed, lora_cfg.dropout,
-                              lora_cfg.layers)
-        params = {leanmodel.PEFT_PREFIX + n: p for n, p in lean.named_parameters() if p.requires_grad}
-        return SimulatorModel(DeviceModel(lean, Backend.lean, params, lean.loss), leanmodel.Tokenizer(folder),
-                              model_id, folder, shape)
+        model = _with_lora(leanmodel.load(folder, Precision.fp32), lora_cfg, seed)
+        return SimulatorModel(model, leanmodel.Tokenizer(folder), model_id, folder, shape)
     from pocketfed.model import lora
     from pocketfed.model.zoo import load_base
 
