@@ -12,8 +12,11 @@ Conditions: `idle`; `one core busy` (a `while True: pass` process beside the run
 always runs other apps). The cases run interleaved, REPS times (BENCH_DECODE_REPS, default 3), so the
 machine's noise hits them alike; the table gives medians. Metrics as `pocketfed.runtime.bench` defines
 them (decode tok/s at 128 and 1,024 tokens of context, suggestion p50/p95 while typing a sentence), the
-same code driving both runtimes: llama.cpp runs suggest through a Session with the same contract
-(the KV cache cut back to the shared prefix, only new tokens run). Ratio rows: onnx-int4 over the best
+same code driving both runtimes: llama.cpp runs suggest through a Session with the same `feed`
+contract (the KV cache cut back to the shared prefix, only new tokens run). Ours also has
+`feed_rows`, which suggest uses to expand its 3 best entries in one batched step; llama-cpp-python's
+`Llama` holds one sequence, so there the same expansions run one after another (llama.cpp's C API
+could batch them by sequence id; this bench does not drive it at that level). Ratio rows: onnx-int4 over the best
 llama.cpp (decode: higher is better; suggest: llama.cpp's time over ours, so > 1 means we are faster).
 Issue 17's goals: >= 1.3x llama.cpp idle, >= 1.0x loaded, >= 120 tok/s at 1,024 context idle, suggest
 p95 <= 20 ms idle.

@@ -8,9 +8,9 @@ same token budget: 8 devices x 4 steps x 4 x 64 tokens a round), full depth vs t
 
 Padding rows: the share of padded positions in training batches. Run alone:
 `.venv/bin/python bench/bench_depth.py [device|quality|padding]`; `run()` returns rows for bench/run.py.
-BENCH_DEPTH_REPS (default 3) sets the repeats; BENCH_DEPTH_RUNS names a folder whose `demo_L{L}`
-sub-folders hold finished runs of that config with `--set lora.layers=L` to read instead of
-simulating again (what `pocketfed simulate ... --out DIR/demo_L{L} --set lora.layers=L` writes).
+BENCH_DEPTH_REPS (default 3) sets the repeats; BENCH_DEPTH_RUNS names a folder whose sub-folders
+(QUALITY's names) hold finished runs of that config with QUALITY's overrides, read instead of
+simulating again; missing ones are simulated there.
 """
 
 from __future__ import annotations
@@ -27,6 +27,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 LAYERS = (10, 5)  # the top-L depths compared with full depth (0)
+ALL7 = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear of a decoder layer
+# quality cases: (case, folder under BENCH_DEPTH_RUNS, config overrides). The demo's config, then
+# the best of a small sweep for each side (2026-11-29, the same config with these overrides): top-L with
+# every linear adapted (q,v only: 119.5; all 7: 97.9 at lr 2e-3, 90.1 at 4e-3, 90.0 at 8e-3; q,v at
+# 6e-3: 99.5) against full depth at the same doubled learning rate
+QUALITY: list[tuple[str, str, list[str]]] = [
+    *[(f"L={L or 'all'}", f"demo_L{L}", [f"lora.layers={L}"]) for L in (0, *LAYERS)],
+    ("L=all, lr 4e-3", "demo_L0_lr4", ["train.lr=4e-3"]),
+    ("L=10, all 7 linears, lr 4e-3", "demo_L10_all7_lr4",
+     ["lora.layers=10", f"lora.target_modules=[{ALL7}]", "train.lr=4e-3"]),
+    # not the same token budget: half the steps, so half the device-seconds at full depth
+    ("L=all, lr 4e-3, 2 steps a round (half the tokens)", "demo_L0_lr4_steps2", ["train.lr=4e-3", "train.steps=2"]),
+]
 CONFIG = ROOT / "configs/shakespeare-smollm2.yaml"
 # (case, fit flags): the demo's device round on the lean path (rank 8, 4 steps of 4 x 64, fp32, no
 # plan), then the phone and watch plans (rank 4 / 2, batch 4 x 128, 2 steps as bench_budget runs them)
@@ -34,6 +47,7 @@ ROUND = ["--plain", "--steps", "4", "--batch-size", "4", "--seq-len", "64"]
 PLANS = ["--steps", "2", "--batch-size", "4", "--seq-len", "128"]
 CASES: list[tuple[str, list[str]]] = [
     *[(f"demo round, plain fp32, L={L or 'all'}", [*ROUND, "--layers", str(L)]) for L in (0, *LAYERS)],
+    (f"demo round, plain fp32, L={LAYERS[0]}, all 7 linears", [*ROUND, "--layers", str(LAYERS[0]), "--targets", ALL7]),
     ("phone plan, L=all", [*PLANS, "--profile", "phone"]),
     ("watch plan, L=all", [*PLANS, "--profile", "watch"]),
     (f"watch plan, L={LAYERS[0]}", [*PLANS, "--profile", "watch", "--layers", str(LAYERS[0])]),
@@ -82,12 +96,12 @@ def device_rows(reps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _simulate(layers: int, out: Path) -> dict[str, Any]:
+def _simulate(name: str, sets: list[str], tmp: Path) -> dict[str, Any]:
     reuse = os.environ.get("BENCH_DEPTH_RUNS")
-    folder = Path(reuse) / f"demo_L{layers}" if reuse else out
+    folder = Path(reuse or tmp) / name
     if not (folder / "summary.json").is_file():
         cmd = [sys.executable, "-W", "ignore", "-m", "pocketfed", "simulate", "--config", str(CONFIG), "--out", str(folder),
-               "--set", f"lora.layers={layers}", "--set", "eval.variants=[federated]"]
+               "--set", "eval.variants=[federated]", *(x for kv in sets for x in ("--set", kv))]
         subprocess.run(cmd, check=True, capture_output=True, timeout=7200, cwd=ROOT)
     metrics = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
     summary = json.loads((folder / "summary.json").read_text())
@@ -97,10 +111,10 @@ def _simulate(layers: int, out: Path) -> dict[str, Any]:
 def quality_rows() -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for layers in (0, *LAYERS):
-            r = _simulate(layers, Path(tmp) / f"demo_L{layers}")
+        for case, name, sets in QUALITY:
+            r = _simulate(name, sets, Path(tmp))
             last = [m for m in r["metrics"] if "heldout" in m][-1]
-            rows.append({"case": f"demo, 3 rounds, L={layers or 'all'}",
+            rows.append({"case": f"demo, 3 rounds, {case}",
                          "heldout_perplexity": round(last["heldout"]["perplexity"], 2),
                          "federated_own_perplexity": round(r["summary"]["federated"]["perplexity"], 2),
                          "tokens_per_round": last.get("tokens"),

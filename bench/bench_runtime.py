@@ -275,10 +275,10 @@ def run(run_dir: str | None = None) -> list[dict]:
     fp32 = {"runtime": "transformers fp32 (baseline)"} | _in_subprocess("transformers", run_dir, 2)
     rows.append(fp32)
     folder = export(run_dir, "onnx-int8", work / "onnx-int8")
-    rows.append({"runtime": "onnxruntime-genai onnx-int8"} | _in_subprocess("onnx", str(folder), 2, spin=True))
+    rows.append({"runtime": "onnxruntime onnx-int8"} | _in_subprocess("onnx", str(folder), 2, spin=True))
     folder = export(run_dir, "onnx-int4", work / "onnx-int4")
     for threads, spin in ((1, False), (2, False), (2, True)):  # runtime.model's docstring: which when
-        rows.append({"runtime": "onnxruntime-genai onnx-int4"} | _in_subprocess("onnx", str(folder), threads, spin))
+        rows.append({"runtime": "onnxruntime onnx-int4"} | _in_subprocess("onnx", str(folder), threads, spin))
     if importlib.util.find_spec("llama_cpp") is not None:
         from pocketfed.model.zoo import SMOLLM2_GGUF, _smollm2_package_dir
 

@@ -214,7 +214,7 @@ def derived(module: str, measured: str) -> list[str]:
     """Figures computed from a section's table: what README.md quotes, never typed by hand."""
     rows = parse_table(measured)
     if module == "bench_runtime":
-        ours = [r for r in rows if r.get("runtime") == "onnxruntime-genai onnx-int4" and r.get("threads") == "2, spinning"]
+        ours = [r for r in rows if r.get("runtime") == "onnxruntime onnx-int4" and r.get("threads") == "2, spinning"]
         ref = [r for r in rows if r.get("runtime", "").startswith("llama.cpp, shipped Q4_1")]
         try:
             ratios = [float(ours[0][c]) / float(ref[0][c]) for c in ("decode_tok_s@128", "decode_tok_s@1024")]

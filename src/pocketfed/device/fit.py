@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--layers", type=int, default=0, help="LoRA on the top LAYERS decoder layers only (0 = all)")
+    ap.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
     ap.add_argument("--plain", action="store_true", help="plain fp32 LoRA, no plan (the reference)")
     ap.add_argument("--path", choices=("lean", "peft"), default="",
                     help="the backend (default: the planner's pick): lean: torch only; peft: transformers + PEFT")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, _ = resolve(args.model)
         config = json.loads((folder / "config.json").read_text())
         shape = ModelShape.from_folder(folder)
-        lora = LoraConfig(rank=args.rank, layers=args.layers)
+        lora = LoraConfig(rank=args.rank, layers=args.layers, target_modules=args.targets.split(","))
         train = TrainConfig(steps=args.steps, batch_size=args.batch_size)
         profile = get_profile(args.profile, args.profiles_file)
         runtime = rss_mb()  # this process, torch imported, no weight yet: what the plan sits on

@@ -23,7 +23,7 @@ import numpy as np
 
 from pocketfed.memory import peak_rss_mb
 from pocketfed.runtime.model import LoadedModel, Session, load
-from pocketfed.runtime.suggest import SUGGEST_CACHE, suggest
+from pocketfed.runtime.suggest import SUGGEST_CACHE, WIDTH, suggest
 
 DECODE_TOKENS = 64
 TYPED_TEXT = (
@@ -79,7 +79,7 @@ def ttft_ms(model: LoadedModel, prompt_tokens: int = 64, repeats: int = 3,
 
 def suggest_latencies_ms(model: LoadedModel, new_session: SessionFactory | None = None) -> list[float]:
     words = TYPED_TEXT.split()
-    session = _sessions(model, new_session)(SUGGEST_CACHE)
+    session = new_session(SUGGEST_CACHE) if new_session else Session(model, SUGGEST_CACHE, rows=WIDTH)
     suggest(model, words[0] + " ", session=session)  # warm-up: builds the vocabulary tables
     times = []
     for i in range(2, len(words) + 1):

@@ -21,13 +21,15 @@ def generate(model: LoadedModel, prompt: str, max_tokens: int = 64) -> Iterator[
             f"{model.context_length}-token context"
         )
     session = Session(model, max_length=len(ids) + max_tokens + 1)
-    stream = model.tokenizer.create_stream()
+    from tokenizers.decoders import DecodeStream  # noqa: PLC0415 (with the model's tokenizer)
+
+    stream = DecodeStream(skip_special_tokens=True)  # text per token, holding back split UTF-8 characters
     logits = session.feed(ids)
     for step in range(max_tokens):
         nxt = int(np.argmax(logits))
         if nxt in model.eos_ids:
             return
-        text = stream.decode(nxt)
+        text = stream.step(model.tokenizer, nxt)
         if text:
             yield text
         ids.append(nxt)

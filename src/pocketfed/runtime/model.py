@@ -1,7 +1,11 @@
-"""Load an exported model folder and run it with ONNX Runtime GenAI.
+"""Load an exported model folder and run it with ONNX Runtime.
 
 This package is what a phone ships: it imports nothing from pocketfed's training code, only the
-standard library, numpy, onnxruntime-genai and `pocketfed.errors`.
+standard library, numpy, onnxruntime, tokenizers and `pocketfed.errors`. The export's decoder
+(model.onnx, GroupQueryAttention over a KV cache, written by onnxruntime-genai's builder) runs in a
+plain onnxruntime InferenceSession; `Session` keeps its KV caches (rows that branch from a shared
+prefix, which onnxruntime-genai's Generator cannot), and the tokenizer is tokenizer.json through
+the `tokenizers` library (the same ids as onnxruntime-genai's tokenizer).
 
 Runtime settings, chosen by measurement (SmolLM2-135M + LoRA, int4 block 32 accuracy level 4,
 prune_lm_head; this 2-core x86 box shared with other jobs, load average ~4; each configuration in
@@ -19,10 +23,10 @@ its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of c
   Spinning wins by 35% on an idle CPU and loses by half when another process wants a core, where a
   second, sleeping thread is slower than none (a futex wake-up per MatMul). `threads` / `spin`
   (the CLI's --threads, --spin/--no-spin) override the choice.
-- graph_optimization_level = ORT_ENABLE_ALL (the GenAI default; the builder's graph is already fused).
+- graph_optimization_level = ORT_ENABLE_ALL (ORT's and GenAI's default; the builder's graph is already fused).
 - enable_cpu_mem_arena stays on: off cost +100 MB peak RSS (376 vs 276 MB) for no speed gain.
-- past_present_share_buffer = true: the KV cache is one buffer of max_length positions updated in
-  place, so decode does not copy the cache each step. Its size is fixed when a Generator is made,
+- past and present caches share one buffer (`Session`): max_length positions updated in
+  place, so decode does not copy the cache each step. Its size is fixed when a Session is made,
   so we size it per request (prompt + max_tokens) instead of the model's 8k context, which would
   cost 30 layers x 2 x 3 heads x 8192 x 64 x 4 B = 377 MB of RSS.
 - prefill in chunks of PREFILL_CHUNK = 64 tokens: ORT's arena keeps the peak of the largest step, so
@@ -32,7 +36,7 @@ its own process, two interleaved rounds; decode tok/s at 128 / 1,024 tokens of c
 - after loading, the pages of model.onnx.data that loading left mapped are given back
   (`pocketfed.memory.release_mapped_file`): peak RSS at 1,024 context 292 -> 264 MB.
 - huge pages (`pocketfed.memory.advise_huge_pages`), after loading for the prepacked weights and
-  after each Session's generator for its KV cache buffer. Decode is not bandwidth-bound here (it
+  after each Session's KV cache buffer is made. Decode is not bandwidth-bound here (it
   reads ~100 MB a token at ~15 GB/s; one core streams 38 GB/s) but TLB-bound: every 4 kB of weights
   and cache is another page walk. Measured idle, 2 spinning threads, 3 interleaved runs each in its
   own process (medians): decode 180.6 -> 194.5 tok/s at 128 tokens of context, 122.2 -> 137.5 at
@@ -59,7 +63,6 @@ from pocketfed.memory import advise_huge_pages, release_mapped_file
 MAX_THREADS = 2  # measured on 2 cores only; more threads for a 135M model are untested
 SPIN_SAMPLE_S = 0.1
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
-SHARE_KV_BUFFER = True
 PREFILL_CHUNK = 64
 
 ONNX_FORMATS = ("onnx-fp32", "onnx-int8", "onnx-int4")
@@ -67,28 +70,31 @@ ONNX_FORMATS = ("onnx-fp32", "onnx-int8", "onnx-int4")
 
 @dataclass
 class LoadedModel:
-    """An exported model ready to run: the GenAI model, its tokenizer, and the manifest."""
+    """An exported model ready to run: its ONNX Runtime session, tokenizer, decoder shape and manifest."""
 
     folder: Path
     manifest: dict[str, Any]
-    og_model: Any  # onnxruntime_genai.Model
-    tokenizer: Any  # onnxruntime_genai.Tokenizer
+    session: Any  # onnxruntime.InferenceSession of model.onnx
+    tokenizer: Any  # tokenizers.Tokenizer of tokenizer.json
     context_length: int
     eos_ids: tuple[int, ...]
+    layers: int  # decoder layers, each with a key and a value cache
+    kv_shape: tuple[int, int]  # (kv heads, head size) of one position's cache in one layer
+    kv_dtype: Any  # numpy dtype of the cache (what model.onnx's past_key_values take)
     threads: int = 1
     spin: bool = False
     _token_text: list[str] | None = None
 
     def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(np.asarray(ids, dtype=np.int32)))
+        return str(self.tokenizer.decode([int(i) for i in ids]))
 
     def token_text(self) -> list[str]:
-        """Text of every vocabulary id, decoded once (about 0.15 s for 49k tokens)."""
+        """Text of every vocabulary id, decoded once (special tokens: "")."""
         if self._token_text is None:
-            self._token_text = [str(self.tokenizer.decode([i])) for i in range(self.vocab_size)]
+            self._token_text = self.tokenizer.decode_batch([[i] for i in range(self.vocab_size)])
         return self._token_text
 
     @property
@@ -171,7 +177,8 @@ def load(model_dir: str | Path, threads: int | None = None, spin: bool | None = 
 
     threads / spin: ORT's intra-op threads and whether they spin; None chooses (`choose_settings`)."""
     threads, spin = choose_settings(threads, spin)
-    import onnxruntime_genai as og  # noqa: PLC0415  (heavy; only when a model is opened)
+    import onnxruntime as ort  # noqa: PLC0415  (heavy; only when a model is opened)
+    import tokenizers  # noqa: PLC0415
 
     folder, manifest = read_manifest(model_dir)
     fmt = manifest["format"]
@@ -185,91 +192,178 @@ def load(model_dir: str | Path, threads: int | None = None, spin: bool | None = 
         if not p.is_file() or p.stat().st_size != int(size):
             raise UserError(f"model file {str(p)!r} is missing or has the wrong size; export the model again")
     try:
-        config = og.Config(str(folder))
-        options: dict[str, Any] = {
-            "intra_op_num_threads": threads,
-            "inter_op_num_threads": 1,
-            "graph_optimization_level": GRAPH_OPTIMIZATION,
-            "session.intra_op.allow_spinning": "1" if spin else "0",
-        }
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        og_model = og.Model(config)
-        tokenizer = og.Tokenizer(og_model)
-    except Exception as e:  # onnxruntime-genai raises plain RuntimeError/Exception for corrupt files
+        genai = json.loads((folder / "genai_config.json").read_text())["model"]
+        decoder = genai["decoder"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        inputs = {i.name: i for i in session.get_inputs()}
+        past = inputs["past_key_values.0.key"]
+        kv_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+        layers = int(decoder["num_hidden_layers"])
+        kv_shape = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
+        if set(inputs) != {"input_ids", "attention_mask", *(f"past_key_values.{i}.{kv}" for i in range(layers)
+                                                             for kv in ("key", "value"))}:
+            raise ValueError(f"unexpected decoder inputs {sorted(inputs)[:4]}...")
+    except Exception as e:  # onnxruntime raises its own exception types for corrupt files
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"the model in {str(folder)!r} could not be loaded (corrupt file?): {first}") from None
     release_mapped_file(folder / "model.onnx.data")  # what loading left resident (see there)
     advise_huge_pages()  # the prepacked weights (see the module docstring)
-    genai = json.loads((folder / "genai_config.json").read_text())["model"]
     eos = genai.get("eos_token_id", [])
     eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
     return LoadedModel(
         folder=folder,
         manifest=manifest,
-        og_model=og_model,
+        session=session,
         tokenizer=tokenizer,
         context_length=int(genai.get("context_length", 2048)),
         eos_ids=eos_ids,
+        layers=layers,
+        kv_shape=kv_shape,
+        kv_dtype=kv_dtype,
         threads=threads,
         spin=spin,
     )
 
 
 class Session:
-    """One KV cache over a growing token sequence, reused across calls that share a prefix.
+    """KV caches over growing token sequences, reused across calls that share a prefix.
 
-    `feed(ids)` makes the cache hold exactly `ids` and returns the logits after the last one:
-    it rewinds to the longest common prefix with what the cache holds and runs only the rest,
-    so a keyboard that re-asks after each keystroke pays for the new tokens only. The logits of the
-    last REMEMBERED sequences fed are kept (200 kB each for SmolLM2): asking for one again runs
-    nothing (the cache is brought to `ids` by the next feed that runs). A keyboard asks again for the
-    same text before the word being typed at each keystroke, and for "text + a word it suggested,
-    checked for whether the word ends there" when the user takes that word.
+    `feed(ids)` makes a cache hold exactly `ids` and returns the logits after the last one: it
+    rewinds to the longest common prefix with what a cache holds and runs only the rest, so a
+    keyboard that re-asks after each keystroke pays for the new tokens only. `feed_rows(seqs)` does
+    the same for up to `rows` sequences at once, each one token beyond what some cache holds or can
+    copy from another: one batched decode step, which reads the weights once for all of them (a
+    suggestion's end-of-word checks, `runtime.suggest`). The logits of the last REMEMBERED
+    sequences fed are kept (200 kB each for SmolLM2): asking for one again runs nothing. A keyboard
+    asks again for the same text before the word being typed at each keystroke, and for "text + a
+    word it suggested, checked for whether the word ends there" when the user takes that word.
+
+    The caches are one numpy array [2 x layers, rows, kv heads, max_length, head size] that the
+    decoder's GroupQueryAttention updates in place (its past and present inputs bound to the same
+    memory): row r's positions [0, len(tokens[r])) hold tokens[r]'s keys and values; a rewind is
+    a shorter length, a copy between rows a numpy slice. ONNX Runtime GenAI's Generator keeps one
+    such cache per sequence and cannot branch a batch from a shared prefix ("AppendTokens can only
+    be called once for batch_size > 1" in 0.18), hence this class over plain ONNX Runtime.
     """
 
     REMEMBERED = 8
 
-    def __init__(self, model: LoadedModel, max_length: int) -> None:
-        import onnxruntime_genai as og  # noqa: PLC0415
+    def __init__(self, model: LoadedModel, max_length: int, rows: int = 1) -> None:
+        import onnxruntime as ort  # noqa: PLC0415
 
         self.model = model
         self.max_length = min(int(max_length), model.context_length)
-        params = og.GeneratorParams(model.og_model)
-        params.set_search_options(max_length=self.max_length, do_sample=False,
-                                  past_present_share_buffer=SHARE_KV_BUFFER)
-        self.generator = og.Generator(model.og_model, params)
-        advise_huge_pages()  # the KV cache buffer the generator just made (see the module docstring)
-        self.tokens: list[int] = []  # what the KV cache holds
-        self.steps = 0  # tokens run through the model (for tests and benchmarks)
+        self.rows = int(rows)
+        heads, size = model.kv_shape
+        self.kv = np.zeros((2 * model.layers, self.rows, heads, self.max_length, size), dtype=model.kv_dtype)
+        advise_huge_pages()  # the cache just allocated (see the module docstring)
+        self.tokens: list[list[int]] = [[] for _ in range(self.rows)]  # what each row's cache holds
+        self.steps = 0  # tokens run through the model, summed over rows (for tests and benchmarks)
+        self.batches = 0  # model runs (for tests and benchmarks)
         self._logits: dict[tuple[int, ...], np.ndarray] = {}  # last fed sequences -> their logits, oldest first
+        self._bindings: dict[tuple[int, int], Any] = {}  # (first row, rows) -> an IOBinding of those rows' caches
+        self._ort = ort
+
+    def _binding(self, first: int, n: int) -> Any:
+        """An IOBinding whose past and present caches are rows [first, first + n) of self.kv, made once."""
+        key = (first, n)
+        if key not in self._bindings:
+            b = self.model.session.io_binding()
+            for i in range(self.model.layers):
+                for j, kind in enumerate(("key", "value")):
+                    value = self._ort.OrtValue.ortvalue_from_numpy(self.kv[2 * i + j, first:first + n])
+                    b.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                    b.bind_ortvalue_output(f"present.{i}.{kind}", value)
+            self._bindings[key] = b
+        return self._bindings[key]
+
+    def _run(self, first: int, ids: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Append ids [n, S] to rows [first, first + n), row r holding lengths[r] positions now;
+        -> logits after each row's last new token [n, vocab]."""
+        n, new = ids.shape
+        mask = np.zeros((n, max(lengths) + new), dtype=np.int64)
+        for r, length in enumerate(lengths):
+            mask[r, : length + new] = 1  # right-padded: GroupQueryAttention reads each row's length off the mask
+        b = self._binding(first, n)
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_output("logits")
+        self.model.session.run_with_iobinding(b)
+        self.batches += 1
+        self.steps += n * new
+        logits = b.get_outputs()[-1].numpy()  # bound last: after the caches  # [n, 1, vocab]
+        return np.asarray(logits, dtype=np.float32).reshape(n, -1)
+
+    def _bring(self, row: int, ids: list[int]) -> None:
+        """Make `row` hold ids: keep its common prefix, copy what another row has, run the rest."""
+        common = _common(self.tokens[row], ids)
+        donor = max(range(self.rows), key=lambda r: _common(self.tokens[r], ids))
+        have = _common(self.tokens[donor], ids)
+        if have > common:
+            self.kv[:, row, :, common:have] = self.kv[:, donor, :, common:have]
+            common = have
+        self.tokens[row] = ids[:common]
+        for start in range(common, len(ids), PREFILL_CHUNK):
+            chunk = ids[start:start + PREFILL_CHUNK]
+            self._run(row, np.asarray([chunk]), [start])
+            self.tokens[row] = ids[: start + len(chunk)]
 
     def feed(self, ids: list[int]) -> np.ndarray:
-        """Cache := ids (now or at the next feed that runs); returns next-token logits [vocab] (float32)."""
-        if not ids:
-            raise ValueError("feed needs at least one token")
-        if len(ids) >= self.max_length:
-            raise ValueError(f"{len(ids)} tokens do not fit a {self.max_length}-token cache")
-        key = tuple(ids)
-        known = self._logits.pop(key, None)
-        if known is not None:
-            self._logits[key] = known  # now the most recent
-            return known
-        common = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # always run at least one token to get logits
-        if common < len(self.tokens):
-            self.generator.rewind_to(common)
-        new = np.asarray(ids[common:], dtype=np.int32)
-        for start in range(0, len(new), PREFILL_CHUNK):
-            self.generator.append_tokens(new[start:start + PREFILL_CHUNK])
-        self.steps += len(ids) - common
-        self.tokens = list(ids)
-        logits = np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
-        logits.flags.writeable = False  # handed out again from the memo
-        self._logits[key] = logits
-        if len(self._logits) > self.REMEMBERED:
-            del self._logits[next(iter(self._logits))]
-        return logits
+        """A cache := ids; returns next-token logits [vocab] (float32, read-only)."""
+        return self.feed_rows([ids])[0]
+
+    def feed_rows(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """feed() for up to `rows` sequences, the last token of each run in one batched step."""
+        if len(seqs) > self.rows:
+            raise ValueError(f"{len(seqs)} sequences for a {self.rows}-row session")
+        for ids in seqs:
+            if not ids:
+                raise ValueError("feed needs at least one token")
+            if len(ids) >= self.max_length:
+                raise ValueError(f"{len(ids)} tokens do not fit a {self.max_length}-token cache")
+        out: dict[tuple[int, ...], np.ndarray] = {}
+        todo: list[list[int]] = []
+        for ids in seqs:
+            key = tuple(ids)
+            known = self._logits.pop(key, None)
+            if known is not None:
+                self._logits[key] = known  # now the most recent
+                out[key] = known
+            elif key not in out and ids not in todo:
+                todo.append(list(ids))
+        if todo:
+            # rows [0, len(todo)) run the batch: longest cached prefixes first, each sequence to a row
+            n, order = len(todo), []
+            pairs = sorted(((-_common(self.tokens[r], ids[:-1]), i, r) for i, ids in enumerate(todo) for r in range(n)))
+            rows_left, seqs_left = set(range(n)), set(range(n))
+            for _, i, r in pairs:
+                if i in seqs_left and r in rows_left:
+                    seqs_left.remove(i)
+                    rows_left.remove(r)
+                    order.append((r, todo[i]))
+            order.sort()
+            for row, ids in order:
+                self._bring(row, ids[:-1])
+            logits = self._run(0, np.asarray([[ids[-1]] for _, ids in order]), [len(ids) - 1 for _, ids in order])
+            for (row, ids), row_logits in zip(order, logits):
+                self.tokens[row] = ids
+                row_logits.flags.writeable = False  # handed out again from the memo
+                out[tuple(ids)] = self._logits[tuple(ids)] = row_logits
+            while len(self._logits) > self.REMEMBERED:
+                del self._logits[next(iter(self._logits))]
+        return [out[tuple(ids)] for ids in seqs]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of a and b."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -39,7 +39,8 @@ from pocketfed.runtime.model import LoadedModel, Session
 
 POOL = 32  # word-start candidates put on the frontier, by logit
 BRANCH = 4  # continuation tokens pushed per expansion
-MAX_STEPS = 8  # decode steps per call, at most
+WIDTH = 3  # entries expanded per decode step (one batched step: the session's rows)
+MAX_STEPS = 4  # decode steps per call, at most
 MAX_WORD_TOKENS = 4
 MAX_CONTEXT = 256  # tokens of text before the word kept in the cache
 SUGGEST_CACHE = MAX_CONTEXT + MAX_WORD_TOKENS + 2  # KV cache positions a suggest session needs
@@ -111,7 +112,7 @@ def suggest(model: LoadedModel, prefix: str, k: int = 3, session: Session | None
     if session is None:
         session = getattr(model, "_suggest_session", None)
     if session is None:
-        session = Session(model, max_length=SUGGEST_CACHE)
+        session = Session(model, max_length=SUGGEST_CACHE, rows=WIDTH)
         model._suggest_session = session  # type: ignore[attr-defined]
 
     context, typed = _split(prefix)
@@ -135,41 +136,53 @@ def suggest(model: LoadedModel, prefix: str, k: int = 3, session: Session | None
     words: list[str] = []
     seen: set[str] = set()
     steps = 0
+    feed_rows = getattr(session, "feed_rows", None) or (lambda seqs: [session.feed(s) for s in seqs])
     while frontier and len(words) < k:
-        cost, _, seq, word, finished = heapq.heappop(frontier)
-        if finished:
-            word = typed + word[len(typed):]  # keep the letters as the user typed them
+        if frontier[0][4]:  # the best entry is a finished word: emit it (if new)
+            word = typed + frontier[0][3][len(typed):]  # keep the letters as the user typed them
+            heapq.heappop(frontier)
             if word.lower() not in seen:
                 seen.add(word.lower())
                 words.append(word)
             continue
-        covers = len(word) >= len(typed) and word.lower().startswith(typed_lower)
         if steps == MAX_STEPS:
             # out of budget: a word-start token that covers the typed part is a whole vocabulary
             # word; emit it as it is (its end probability unknown, <= 1); drop longer partial words
-            if len(seq) == 1 and covers:
+            cost, _, seq, word, _ = heapq.heappop(frontier)
+            if len(seq) == 1 and _covers(word, typed_lower):
                 heapq.heappush(frontier, (cost, tie, seq, word, True))
                 tie += 1
             continue
+        # the best WIDTH unfinished entries, up to the first finished one, expanded in one step
+        batch = []
+        while frontier and len(batch) < WIDTH and not frontier[0][4]:
+            batch.append(heapq.heappop(frontier))
         steps += 1
-        nxt = _log_softmax(session.feed(ctx + list(seq)))
-        p_end = float(np.exp(nxt[vocab.enders]).sum())
-        if covers:
-            heapq.heappush(frontier, (cost - np.log(max(p_end, 1e-30)), tie, seq, word, True))
-            tie += 1
-        if len(seq) == MAX_WORD_TOKENS or (p_end > 0.5 and covers):
-            continue
-        cont, twin = vocab.cont_ids, vocab.cont_spaced
-        if len(word) < len(typed):  # still inside the typed part: only agreeing tokens
-            keep = vocab.agreeing(typed_lower[len(word):])[cont]
-            cont, twin = cont[keep], twin[keep]
-        # a continuation the model likes less than the same letters as a new word glues two words
-        # together ("yonder" + "window"): not a word
-        cont = cont[(twin < 0) | (nxt[np.maximum(twin, 0)] <= nxt[cont])]
-        for t in _top(cont, nxt, BRANCH):
-            heapq.heappush(frontier, (cost - float(nxt[t]), tie, seq + (int(t),), word + vocab.texts[int(t)], False))
-            tie += 1
+        for (cost, _, seq, word, _), logits in zip(batch, feed_rows([ctx + list(seq) for _, _, seq, _, _ in batch])):
+            nxt = _log_softmax(logits)
+            p_end = float(np.exp(nxt[vocab.enders]).sum())
+            covers = _covers(word, typed_lower)
+            if covers:
+                heapq.heappush(frontier, (cost - np.log(max(p_end, 1e-30)), tie, seq, word, True))
+                tie += 1
+            if len(seq) == MAX_WORD_TOKENS or (p_end > 0.5 and covers):
+                continue
+            cont, twin = vocab.cont_ids, vocab.cont_spaced
+            if len(word) < len(typed):  # still inside the typed part: only agreeing tokens
+                keep = vocab.agreeing(typed_lower[len(word):])[cont]
+                cont, twin = cont[keep], twin[keep]
+            # a continuation the model likes less than the same letters as a new word glues two words
+            # together ("yonder" + "window"): not a word
+            cont = cont[(twin < 0) | (nxt[np.maximum(twin, 0)] <= nxt[cont])]
+            for t in _top(cont, nxt, BRANCH):
+                heapq.heappush(frontier, (cost - float(nxt[t]), tie, seq + (int(t),), word + vocab.texts[int(t)], False))
+                tie += 1
     return words
+
+
+def _covers(word: str, typed_lower: str) -> bool:
+    """The word holds at least the typed letters, and agrees with them."""
+    return len(word) >= len(typed_lower) and word.lower().startswith(typed_lower)
 
 
 def _top(ids: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

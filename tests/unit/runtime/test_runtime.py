@@ -1,5 +1,6 @@
 """Runtime: load, KV-cache session, generate, suggest, privacy lock, import hygiene, bad input."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -60,6 +61,59 @@ def test_session_answers_a_sequence_it_fed_lately_without_running_it(int4):
     s.feed(ids)
     assert s.steps > steps + 1 + Session.REMEMBERED
     assert np.abs(s.feed(ids + [ids[0]]) - longer).max() < 1e-4
+
+
+def test_rows_branch_from_a_shared_prefix_in_one_step(int4):
+    """feed_rows: each sequence's logits are those a fresh single-row session computes, the shared
+    prefix's cache is copied between rows (not run again), and the last tokens run as one batch."""
+    ctx = int4.encode("To be, or not to be, that is the question")
+    a, b, c, d = int4.encode(" whether")[0], int4.encode(" tis")[0], int4.encode(" nobler")[0], int4.encode(" the")[0]
+    s = Session(int4, 64, rows=3)
+    s.feed(ctx)
+    steps, batches = s.steps, s.batches
+    seqs = [ctx + [a], ctx + [b], ctx + [c]]
+    got = s.feed_rows(seqs)
+    assert (s.steps, s.batches) == (steps + 3, batches + 1)
+    for ids, logits in zip(seqs, got):
+        assert np.abs(logits - Session(int4, 64).feed(ids)).max() < 1e-4
+    # rows of different lengths in one step; one of them shorter than the context (a rewind)
+    seqs = [ctx + [a, d], ctx + [c, a], ctx[:-1] + [d]]
+    got = s.feed_rows(seqs)
+    assert (s.steps, s.batches) == (steps + 6, batches + 2)
+    for ids, logits in zip(seqs, got):
+        assert np.abs(logits - Session(int4, 64).feed(ids)).max() < 1e-4
+    # a sequence no row holds a prefix of is run up to its last token in its row first
+    other = int4.encode("Good night, sweet prince")
+    mixed = s.feed_rows([other, seqs[0], ctx + [b]])  # seqs[0]: remembered, runs nothing
+    assert np.array_equal(mixed[1], got[0]) and s.batches == batches + 2 + 2  # other's prefix, then one step
+    assert np.abs(mixed[0] - Session(int4, 64).feed(other)).max() < 1e-4
+    assert np.abs(mixed[2] - Session(int4, 64).feed(ctx + [b])).max() < 1e-4
+    with pytest.raises(ValueError, match="3-row"):
+        s.feed_rows([ctx] * 4)
+
+
+def test_batched_search_finds_the_words_of_one_expansion_at_a_time(int4, monkeypatch):
+    """Expanding the WIDTH best entries per step emits the same words in the same order as plain
+    best-first (one entry per step), given the steps; and a session without feed_rows (llama.cpp's
+    in bench_decode) gets the same words from sequential feeds."""
+    sg = importlib.import_module("pocketfed.runtime.suggest")  # the module (the package exports the function)
+
+    class OneByOne:  # Session.feed only
+        def __init__(self) -> None:
+            self.inner = Session(int4, sg.SUGGEST_CACHE)
+
+        def feed(self, ids):
+            return self.inner.feed(ids)
+
+    prefixes = ("To be, or not to be, that is the ", "My lord, I will ", "But soft, what light through yo", "Good night, sweet ")
+    monkeypatch.setattr(sg, "MAX_STEPS", 64)
+    batched = Session(int4, sg.SUGGEST_CACHE, rows=sg.WIDTH)
+    wide = [suggest(int4, p, session=batched) for p in prefixes]
+    assert wide == [suggest(int4, p, session=OneByOne()) for p in prefixes]
+    monkeypatch.setattr(sg, "WIDTH", 1)
+    single = Session(int4, sg.SUGGEST_CACHE)
+    assert wide == [suggest(int4, p, session=single) for p in prefixes]
+    assert batched.batches < single.batches
 
 
 def test_generate_streams_greedy_tokens(int4):
