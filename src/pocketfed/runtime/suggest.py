@@ -11,9 +11,11 @@ and it ends where the model's next token is not a continuation. Its probability 
     1. feed the text before the word being typed (a prompt ending without a space: the word being
        typed is completed; with a trailing space: the next word is predicted); the frontier is
        every word-start token agreeing with the typed part, scored by its log-probability;
-    2. pop the best entry. A finished word is emitted (if new, case-insensitively). Otherwise one
-       decode step gives the next-token distribution: push "the word ends here" (log P(end)), if
-       the word already covers the typed part, and its best continuation tokens that agree with it;
+    2. while the best entry is a finished word, emit it (if new, case-insensitively). Otherwise pop
+       the best WIDTH unfinished entries (up to the first finished one); one batched decode step
+       (`Session.feed_rows`) gives each its next-token distribution: push "the word ends here"
+       (log P(end)), if the word already covers the typed part, and its best continuation tokens
+       that agree with it;
     3. until k words, or MAX_STEPS decode steps; then the best finished words left are emitted,
        and so are single word-start tokens (whole vocabulary words) whose end was not checked.
 
@@ -24,9 +26,13 @@ not pushed; and a word the model more likely ends than continues is not extended
 are kept as typed ("pr" -> "prince", not "Prince").
 
 Since scores only fall as a word grows, words come out most probable first, and a word the model
-finds unlikely (a junk expansion such as "YONDAKE") loses to real ones. Each expansion costs one
-decode step; the prefix runs once and stays in the KV cache (`Session`), so a keyboard re-asking
-after each keystroke pays only for the new tokens, and branches share their common prefix.
+finds unlikely (a junk expansion such as "YONDAKE") loses to real ones. Expanding WIDTH entries at
+once changes none of that (a finished word is emitted only when it is the best entry left, and an
+expansion only pushes entries that cost more than it), so, steps allowing, the words are those of
+one expansion at a time; it only spends a step's weight reads on three branches instead of one:
+after a new word, the end-of-word checks of the three best words are one step, not three. The prefix runs once and stays
+in the KV cache (`Session`), so a keyboard re-asking after each keystroke pays only for the new
+tokens, and branches share their common prefix.
 """
 
 from __future__ import annotations
