@@ -12,11 +12,10 @@ Conditions: `idle`; `one core busy` (a `while True: pass` process beside the run
 always runs other apps). The cases run interleaved, REPS times (BENCH_DECODE_REPS, default 3), so the
 machine's noise hits them alike; the table gives medians. Metrics as `pocketfed.runtime.bench` defines
 them (decode tok/s at 128 and 1,024 tokens of context, suggestion p50/p95 while typing a sentence), the
-same code driving both runtimes: llama.cpp runs suggest through a Session with the same `feed`
-contract (the KV cache cut back to the shared prefix, only new tokens run). Ours also has
-`feed_rows`, which suggest uses to expand its 3 best entries in one batched step; llama-cpp-python's
-`Llama` holds one sequence, so there the same expansions run one after another (llama.cpp's C API
-could batch them by sequence id; this bench does not drive it at that level). Ratio rows: onnx-int4 over the best
+same code driving both runtimes: llama.cpp runs suggest through a Session with the same `feed` /
+`feed_rows` contract (a KV cache cut back to the shared prefix, only new tokens run; up to 3
+branches of a shared prefix in one batched step, which suggest uses for its 3 best entries), built
+on llama.cpp's C API as ours is on onnxruntime: sequence ids in one unified KV cache. Ratio rows: onnx-int4 over the best
 llama.cpp (decode: higher is better; suggest: llama.cpp's time over ours, so > 1 means we are faster).
 Issue 17's goals: >= 1.3x llama.cpp idle, >= 1.0x loaded, >= 120 tok/s at 1,024 context idle, suggest
 p95 <= 20 ms idle.
@@ -44,6 +43,7 @@ REPS = int(os.environ.get("BENCH_DECODE_REPS", "3"))
 CONDITIONS = ("idle", "one core busy")
 METRICS = ("decode_tok_s@128", "decode_tok_s@1024", "suggest_p50_ms", "suggest_p95_ms")
 LLAMA_CTX = 1100  # positions: the 1,024-token context plus the decoded tokens
+LLAMA_BATCH = 512  # tokens per llama_decode while prefilling
 
 
 # ---- llama.cpp under pocketfed.runtime.bench's contracts --------------------------------------
@@ -67,30 +67,82 @@ class _LlamaModel:
 
 
 class _LlamaSession:
-    """Session.feed semantics on llama.cpp's one KV cache: `eval` first drops the cache beyond
-    `n_tokens`, so setting n_tokens to the shared prefix keeps it and only new tokens run."""
+    """Session.feed / feed_rows on llama.cpp's C API, as `pocketfed.runtime.Session` does them on ours:
+    ROWS sequences (llama.cpp sequence ids) in one unified KV cache of a context of their own on
+    the same weights; a sequence keeps its common prefix with what it holds (`llama_memory_seq_rm`
+    beyond it), takes what another sequence holds (`llama_memory_seq_cp`: in a unified cache the
+    cells are shared, not copied), runs the rest, and the last token of each sequence asked for runs
+    in one `llama_decode` batch. llama-cpp-python's `Llama` holds one sequence, hence the C API."""
+
+    ROWS = 3
 
     def __init__(self, llm: Any) -> None:
-        self.llm = llm
-        llm.reset()
+        import llama_cpp
+
+        self.lib, self.llm = llama_cpp, llm
+        params = llm.context_params  # the Llama's own context is a small one, unused (see _child)
+        params.n_ctx, params.n_batch, params.n_ubatch = LLAMA_CTX, LLAMA_BATCH, LLAMA_BATCH
+        params.n_seq_max, params.kv_unified = self.ROWS, True
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not make a context")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_batch = int(params.n_batch)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.tokens: list[list[int]] = [[] for _ in range(self.ROWS)]
+
+    def __del__(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+
+    def _decode(self, entries: list[tuple[int, int, int]], logits: bool) -> None:
+        """entries: (sequence, position, token); logits for every entry, or for none."""
+        b = self.batch
+        b.n_tokens = len(entries)
+        for i, (seq, pos, tok) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = tok, pos, 1, seq, logits
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _bring(self, row: int, ids: list[int]) -> None:
+        common = _common(self.tokens[row], ids)
+        self.lib.llama_memory_seq_rm(self.mem, row, common, -1)
+        donor = max(range(self.ROWS), key=lambda r: _common(self.tokens[r], ids))
+        have = _common(self.tokens[donor], ids)
+        if have > common:
+            self.lib.llama_memory_seq_cp(self.mem, donor, row, common, have)
+            common = have
+        for start in range(common, len(ids), self.n_batch):
+            self._decode([(row, p, ids[p]) for p in range(start, min(len(ids), start + self.n_batch))], logits=False)
+        self.tokens[row] = list(ids)
 
     def feed(self, ids: list[int]) -> Any:
-        import llama_cpp
+        return self.feed_rows([ids])[0]
+
+    def feed_rows(self, seqs: list[list[int]]) -> list[Any]:
         import numpy as np
 
-        llm = self.llm
-        held = list(llm.input_ids[: llm.n_tokens])
-        common = 0
-        for a, b in zip(held, ids):
-            if a != b:
-                break
-            common += 1
-        llm.n_tokens = min(common, len(ids) - 1)  # always run at least one token to get logits
-        llm.eval(ids[llm.n_tokens:])
-        # the last position's logits, from llama.cpp's C API (the high-level `scores` keeps them only
-        # with logits_all=True, which costs an n_ctx x vocab buffer and a copy per step)
-        last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return np.ctypeslib.as_array(last, shape=(llm.n_vocab(),)).copy()
+        order = []
+        free = set(range(self.ROWS))
+        for ids in seqs:  # each to the free sequence holding most of it
+            row = max(sorted(free), key=lambda r: _common(self.tokens[r], ids[:-1]))
+            free.remove(row)
+            order.append((row, ids))
+        for row, ids in order:
+            self._bring(row, ids[:-1])
+        self._decode([(row, len(ids) - 1, ids[-1]) for row, ids in order], logits=True)
+        out = []
+        for i, (row, ids) in enumerate(order):
+            self.tokens[row] = list(ids)
+            last = self.lib.llama_get_logits_ith(self.ctx, i)
+            out.append(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).copy())
+        return out
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    from pocketfed.runtime.model import _common as common
+
+    return common(a, b)
 
 
 def _child(kind: str, path: str, threads: int) -> dict[str, Any]:
@@ -105,7 +157,9 @@ def _child(kind: str, path: str, threads: int) -> dict[str, Any]:
         return row
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=LLAMA_CTX, n_batch=512, n_threads=threads, logits_all=False, verbose=False)
+    # the weights, and a small context of its own that no session uses: each _LlamaSession makes its own
+    llm = Llama(model_path=path, n_ctx=64, n_batch=64, n_ubatch=64, n_threads=threads, n_threads_batch=threads,
+                logits_all=False, verbose=False)  # n_threads_batch: batches too (its default is every core)
     row = measure_model(_LlamaModel(llm), new_session=lambda n: _LlamaSession(llm))
     row["settings"] = f"{threads} threads"
     return row

@@ -75,12 +75,19 @@ stored in, rebuilding int8 / bf16 weights a slice at a time (device/lowmem.py). 
 same minute: 0.05x) to 0.58-0.66x the phone plan's tokens per CPU-second (2026-11-28, one torch
 thread, interleaved, machine shared with other jobs at load 12-25 on 2 cores).
 `time_vs_full` compares a case with its own full-depth row of the same run (interleaved repeats).
-Measured idle on 2026-11-28 (device rows: 2 torch threads, medians of 3; quality rows: the demo's
-runs, `BENCH_DEPTH_RUNS`, L=all is runs/demo): top-L saves a third of a round's time (L=10 0.70x,
-L=5 0.64x in this run; 0.65-0.75x and 0.55-0.72x in the day's two earlier ones: the forward through
-all 30 layers and the head stay) and costs 40% / 67% held-out perplexity after the demo's 3 rounds
-(119.5 / 143.1 against 85.55), so `lora.layers` stays 0 (all layers): issue 17's "half the
-device-seconds at equal or better perplexity" is out of reach by depth alone here.
+Measured idle on 2026-11-29 (device rows: 2 torch threads, medians of 3; quality rows: the demo's
+runs, `BENCH_DEPTH_RUNS`, L=all is runs/demo): top-L saves a third of a round's time (L=10 0.68x,
+L=5 0.60x in this run; 0.65-0.75x and 0.55-0.72x in two runs of 2026-11-28) and costs 40% / 67%
+held-out perplexity after the demo's 3 rounds (119.5 / 143.1 against 85.55). The loss is not a
+tuning artefact: the best of a small sweep for top 10 (every linear adapted instead of q and v;
+learning rate 2e-3, 4e-3 or 8e-3) reaches 90.08 at 0.76x the time, while full depth at the same
+doubled learning rate reaches 78.28, and full depth at that rate with half the steps (half the
+device-seconds, half the tokens) reaches 90.85: at equal time full depth with fewer steps matches
+the best top-L. So `lora.layers` stays 0 (all layers), and issue 17's "half the device-seconds at
+equal or better perplexity" is out of reach by depth: the forward through all 30 layers and the
+head (SmolLM2's 49,152 x 576 head costs about 8 layers' work each way) stay, which puts top-L's
+floor near 0.6x a full-depth round even at L = 1, before any loss of quality. The demo's learning
+rate (2e-3) is itself not the best for 3 rounds: 4e-3 gives 78.28 against 85.55 at the same cost.
 The loss now streams the head over vocabulary slices on every plan (`lowmem.head_loss`: the head
 read, or rebuilt from bf16, once each way a micro-batch, where chunks of 32 positions read it once
 each way per chunk): the plain fp32 demo round went from 147-169 to 180 tokens/s, the phone plan
@@ -131,28 +138,59 @@ The run of 2026-11-28 15:xx read words p50 23.3 / p95 28.5 and keystrokes p50 30
 evening's, after the runtime's huge pages, its memo of recent sequences (a keystroke within a word
 asks again about the same text before it: no model step) and suggest's trimmed numpy work, read
 keystrokes p50 19.0 / p95 50.9 and words p50 20.9 / p95 36.8 (load 1.4-1.5: its words p95 is 1.45x
-the direct call's 25.4 in the same run, where the earlier run's was 1.17x).""",
+the direct call's 25.4 in the same run, where the earlier run's was 1.17x). The run of 2026-11-29, after the runtime's
+batched end-of-word checks ("Decoding against llama.cpp"), reads words p50 11.1 / p95 19.4 ms
+(direct 14.8) and keystrokes p50 15.5 / p95 41.8 at load 1.2; peak RSS 367.5 MB.""",
     "bench_decode": """\
-Against issue 17's goals (2026-11-28, the table above, taken at a noisy hour of this shared VM):
-idle, onnx-int4 decodes 171.2 / 123.9 tok/s at 128 / 1,024 tokens of context (goal >= 120 at 1,024:
-met), 1.06x / 1.01x llama.cpp on the shipped Q4_1 file and 0.85x / 0.88x on our gguf-q4_0 export
-(goal 1.3x: not met); suggestion p50 18.6 ms, p95 27.0 (goal p95 20 ms: not met; llama.cpp on our
-export 24.4 ms through the same `suggest`). With one core busy the runtime now takes one thread:
-136 / 92.3 tok/s, 0.68x / 0.72x llama.cpp's single thread on our export, 1.04x / 0.96x on the Q4_1
-file (goal 1.0x: met against the shipped file only). An earlier run the same afternoon, quieter,
-with huge pages but two sleeping threads under load, read 201.2 / 136.9 idle (0.94x / 0.97x our
-export) and 130.3 / 95.7 loaded. What changed today, each measured in runtime/model.py's docstring
-with interleaved runs: huge pages for the prepacked weights and the KV cache (+8% / +12% decode);
-one thread instead of two sleeping ones when a core is busy (138 vs 124 tok/s at 128); suggest's
-Python share 2.1 -> 0.65 ms a call; a Session memo of its last 8 sequences' logits. A suggestion
-still costs 4 decode steps after a new word (the context token, then the end-of-word check of
-each of the 3 words shown: ~5.5 ms each), so 20 ms at p95 needs ~4.5 ms a step. The remaining gap
-is per core: at 1 thread ORT's MatMulNBits runs ~5 ms of a ~7 ms step (the Q8 lm_head alone
-1.5 ms), where llama.cpp's whole step is ~5 ms; memory bandwidth is not the limit (~15 GB/s used of
-the 38 one core streams). Tried and dropped: gate/up fused into one MatMulNBits (no gain; MLAS ran a
-3072-row matmul slower than two of 1536), K padded to whole blocks (no gain), an fp16 KV cache
-(ORT's CPU attention converts it every step: 141 / 71 tok/s). llama.cpp's 2-thread rows under load
-show why it defaults to cpu_count // 2 threads: its spinning workers collapse (p95 207-225 ms).""",
+Against issue 17's goals (2026-11-29, the table above, idle VM, medians of 3): idle, onnx-int4
+decodes 188.9 / 132.7 tok/s at 128 / 1,024 tokens of context (goal >= 120 at 1,024: met), 1.41x /
+1.24x llama.cpp on the shipped Q4_1 file and 0.87x / 0.90x on our gguf-q4_0 export (goal 1.3x: not
+met); suggestions p50 8.3 ms, p95 14.0 ms (goal p95 <= 20 ms: met; llama.cpp on our export, running
+the same search with its branches batched the same way, 22.2 ms). With one core busy the runtime
+takes one thread: 125.7 / 89.6 tok/s, 0.65x / 0.75x llama.cpp's single thread on our export, 0.91x /
+0.82x on the Q4_1 file (goal 1.0x: not met); suggestions p95 21.1 ms. An earlier run of the same
+hour, with llama.cpp's branches run one after another, read 165.5 / 124.3 tok/s and p95 15.5 ms
+idle (0.83x / 0.89x our export), 131.5 / 95.3 and 19.2 ms loaded.
+
+Suggestions (2026-11-29): a suggestion after a new word used to cost 4 decode steps of ~5.5 ms (the
+context token, then the end-of-word check of each of the 3 words shown, one after another, since
+onnxruntime-genai's Generator holds one sequence). The runtime now runs the export's decoder in
+plain onnxruntime with its own KV caches (`runtime.model.Session`): 3 rows in one buffer that
+GroupQueryAttention updates in place, a row's prefix copied from another by a numpy slice, and
+`feed_rows` running one new token on each row as a single batched step, which reads the weights
+once for all three. `suggest` expands its 3 best frontier entries per step instead of 1 (best-first
+still: a finished word is emitted only when it is the best entry left, so the words and their order
+are those of one-at-a-time expansion; `test_batched_search_finds_the_words_of_one_expansion_at_a_time`),
+at most 4 batched steps a call (was 8 single ones). On 148 prefixes (3 texts, after each word and 2
+letters into the next) the words are the same on 147; on the last the old budget ran out on a junk
+expansion ("yondrid") that the new one replaces with "yon". Measured (interleaved, each in its own
+process, idle, 2 spinning threads, TYPED_TEXT twice): suggest p50 16.6-19.0 -> 7.7-9.2 ms, p95
+22.4-25.5 -> 13.6-16.4 ms; decode per token unchanged (logits bit-identical to onnxruntime-genai's;
+the same kernels). The three rows' cache costs 24 MB more than one (peak RSS 279 -> 294 MB). The
+llama.cpp rows run the same search with the same batching, through llama.cpp's C API (three
+sequence ids in one unified KV cache, prefixes shared with `llama_memory_seq_cp`, the branches in
+one `llama_decode`; bench_decode's `_LlamaSession`): its suggest p95 went from 23.7 to 22.2 ms.
+llama.cpp's batched path rounds differently from its one-token path (logits up to 0.63 apart on a
+test sequence), so 2 of the 34 suggestions on TYPED_TEXT swap two close words against its
+one-at-a-time search. Its context now runs batches on its own thread count too
+(`n_threads_batch`; llama-cpp-python's default is every core, which under load took its 1-thread
+suggest p95 to 190 ms in a first run).
+
+Decoding per token is where the gap stays, and it is per core: at 1 thread ORT's MatMulNBits runs
+~5 ms of a ~7 ms step (the Q8 lm_head alone 1.5 ms), where llama.cpp's whole step is ~5 ms (with one
+core busy, 194.8 tok/s against our 125.7); memory bandwidth is not the limit (~15 GB/s used of the
+38 one core streams). An ORT profile of a decode step at 1 thread (2026-11-29, 100 steps at 128
+tokens of context, per step with profiling on): MatMulNBits 7.1 ms over 151 nodes,
+GroupQueryAttention 1.3 ms over 30, the block-sum / LoRA-A MatMuls 0.75 ms over 120,
+SkipSimplifiedLayerNorm 0.4 ms, Concat 0.4 ms. Tried and dropped: gate/up fused into one
+MatMulNBits (no gain; MLAS ran a 3072-row matmul slower than two of 1536), K padded to whole blocks
+(no gain), an fp16 KV cache (ORT's CPU attention converts it every step: 141 / 71 tok/s),
+`mlas.use_lut_gemm`, `set_denormal_as_zero`, `session.dynamic_block_base` 4 (2026-11-29: 144-165
+against 150-171 tok/s without); ORT 1.32's fused `MatMulNBitsMlp` / `MatMulNBitsQkv` take no zero
+points, which the Q4_1 base needs. Closing the rest needs an int4 kernel as fast per core as
+ggml's on AVX2, or a lossier format: our gguf-q4_0 export, the peer's fastest file, costs +22%
+perplexity where onnx-int4 costs +0.9% ("On-device inference"). llama.cpp's 2-thread rows under
+load show why it defaults to cpu_count // 2 threads: its spinning workers collapse (p95 187-225 ms).""",
     "bench_runtime": """\
 llama.cpp rows: `llama-cpp-python` 0.3.36 built here (`pip install '.[llama]'`, about 9 min of
 compiling on 2 cores), `logits_all=True` so that perplexity can be read: its peak RSS includes an
@@ -165,7 +203,11 @@ sleeps between parallel sections or spins (ORT's `session.intra_op.allow_spinnin
 spinning when there are two (spinning wins by ~35% on an idle CPU and loses by half when another
 process holds a core, where one thread beats two sleeping ones; runtime/model.py's docstring).
 Since 2026-11-28 the runtime backs its weights and KV cache with huge pages (the 1-thread row:
-99.1 -> 127.3 tok/s at 128 tokens of context between this table's runs). llama.cpp's own workers spin. Decode tok/s is 1 / the median
+99.1 -> 127.3 tok/s at 128 tokens of context between two runs of this table). Since 2026-11-29 it
+runs the export's decoder in plain onnxruntime (rows labelled "onnxruntime"; the same graph and
+kernels as onnxruntime-genai, logits bit-identical) with its own KV-cache rows, so that a
+suggestion's end-of-word checks run as one batched step ("Decoding against llama.cpp"): suggest
+p95 26.9 -> 15.1 ms on the 2-spinning-thread row between this table's runs. llama.cpp's own workers spin. Decode tok/s is 1 / the median
 step time over 64 steps, for every runtime.
 
 Run-to-run spread, recorded on 2026-11-25 over three runs of this table on the 2-core machine:

@@ -92,6 +92,14 @@ def test_rows_branch_from_a_shared_prefix_in_one_step(int4):
         s.feed_rows([ctx] * 4)
 
 
+def test_common_prefix_by_hand():
+    from pocketfed.runtime.model import _common
+
+    assert _common([1, 2, 3], [1, 2, 3, 4]) == 3 and _common([1, 2, 3, 4], [1, 2, 3]) == 3
+    assert _common([1, 2, 3], [1, 9, 3]) == 1 and _common([5], [6]) == 0 and _common([], [1]) == 0
+    assert _common([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 0]) == 6
+
+
 def test_batched_search_finds_the_words_of_one_expansion_at_a_time(int4, monkeypatch):
     """Expanding the WIDTH best entries per step emits the same words in the same order as plain
     best-first (one entry per step), given the steps; and a session without feed_rows (llama.cpp's
