@@ -105,10 +105,11 @@ class _LlamaSession:
             raise RuntimeError("llama_decode failed")
 
     def _bring(self, row: int, ids: list[int]) -> None:
+        from pocketfed.runtime.model import _common, longest_prefix
+
         common = _common(self.tokens[row], ids)
         self.lib.llama_memory_seq_rm(self.mem, row, common, -1)
-        donor = max(range(self.ROWS), key=lambda r: _common(self.tokens[r], ids))
-        have = _common(self.tokens[donor], ids)
+        donor, have = longest_prefix(self.tokens, ids)
         if have > common:
             self.lib.llama_memory_seq_cp(self.mem, donor, row, common, have)
             common = have
@@ -122,27 +123,18 @@ class _LlamaSession:
     def feed_rows(self, seqs: list[list[int]]) -> list[Any]:
         import numpy as np
 
-        order = []
-        free = set(range(self.ROWS))
-        for ids in seqs:  # each to the free sequence holding most of it
-            row = max(sorted(free), key=lambda r: _common(self.tokens[r], ids[:-1]))
-            free.remove(row)
-            order.append((row, ids))
+        from pocketfed.runtime.model import assign_rows
+
+        order = assign_rows(self.tokens, seqs)  # the rows ours would use
         for row, ids in order:
             self._bring(row, ids[:-1])
         self._decode([(row, len(ids) - 1, ids[-1]) for row, ids in order], logits=True)
-        out = []
+        out = {}
         for i, (row, ids) in enumerate(order):
             self.tokens[row] = list(ids)
             last = self.lib.llama_get_logits_ith(self.ctx, i)
-            out.append(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).copy())
-        return out
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    from pocketfed.runtime.model import _common as common
-
-    return common(a, b)
+            out[tuple(ids)] = np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).copy()
+        return [out[tuple(ids)] for ids in seqs]  # in the order asked (order is by row)
 
 
 def _child(kind: str, path: str, threads: int) -> dict[str, Any]:

@@ -302,8 +302,7 @@ class Session:
     def _bring(self, row: int, ids: list[int]) -> None:
         """Make `row` hold ids: keep its common prefix, copy what another row has, run the rest."""
         common = _common(self.tokens[row], ids)
-        donor = max(range(self.rows), key=lambda r: _common(self.tokens[r], ids))
-        have = _common(self.tokens[donor], ids)
+        donor, have = longest_prefix(self.tokens, ids)
         if have > common:
             self.kv[:, row, :, common:have] = self.kv[:, donor, :, common:have]
             common = have
@@ -337,16 +336,7 @@ class Session:
             elif key not in out and ids not in todo:
                 todo.append(list(ids))
         if todo:
-            # rows [0, len(todo)) run the batch: longest cached prefixes first, each sequence to a row
-            n, order = len(todo), []
-            pairs = sorted(((-_common(self.tokens[r], ids[:-1]), i, r) for i, ids in enumerate(todo) for r in range(n)))
-            rows_left, seqs_left = set(range(n)), set(range(n))
-            for _, i, r in pairs:
-                if i in seqs_left and r in rows_left:
-                    seqs_left.remove(i)
-                    rows_left.remove(r)
-                    order.append((r, todo[i]))
-            order.sort()
+            order = assign_rows(self.tokens, todo)
             for row, ids in order:
                 self._bring(row, ids[:-1])
             logits = self._run(0, np.asarray([[ids[-1]] for _, ids in order]), [len(ids) - 1 for _, ids in order])
@@ -357,6 +347,28 @@ class Session:
             while len(self._logits) > self.REMEMBERED:
                 del self._logits[next(iter(self._logits))]
         return [out[tuple(ids)] for ids in seqs]
+
+
+def assign_rows(held: list[list[int]], seqs: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """(row, sequence) for each of seqs on rows [0, len(seqs)) (a batch runs leading rows), by row:
+    the pairs whose row holds the longest prefix of the sequence's tokens before its last first,
+    each row and each sequence once. held[r]: the tokens row r's cache holds."""
+    n, order = len(seqs), []
+    pairs = sorted((-_common(held[r], ids[:-1]), i, r) for i, ids in enumerate(seqs) for r in range(n))
+    rows_left, seqs_left = set(range(n)), set(range(n))
+    for _, i, r in pairs:
+        if i in seqs_left and r in rows_left:
+            seqs_left.remove(i)
+            rows_left.remove(r)
+            order.append((r, seqs[i]))
+    return sorted(order)
+
+
+def longest_prefix(held: list[list[int]], ids: list[int]) -> tuple[int, int]:
+    """(row, length): the row whose cache holds the longest prefix of ids, and its length."""
+    lengths = [_common(h, ids) for h in held]
+    row = max(range(len(held)), key=lengths.__getitem__)
+    return row, lengths[row]
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -100,6 +100,19 @@ def test_common_prefix_by_hand():
     assert _common([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 0]) == 6
 
 
+def test_rows_are_assigned_by_the_prefix_they_hold_by_hand():
+    from pocketfed.runtime.model import assign_rows, longest_prefix
+
+    held = [[1, 2, 3], [1, 2, 7, 8], [5]]
+    # [1, 2, 7, 8, 9] extends row 1 entirely (4 tokens before its last), [1, 2, 3, 4] row 0 (3);
+    # a batch of two runs on rows 0 and 1
+    assert assign_rows(held, [[1, 2, 3, 4], [1, 2, 7, 8, 9]]) == [(0, [1, 2, 3, 4]), (1, [1, 2, 7, 8, 9])]
+    assert assign_rows(held, [[1, 2, 7, 8, 9], [1, 2, 3, 4]]) == [(0, [1, 2, 3, 4]), (1, [1, 2, 7, 8, 9])]
+    # both want row 0 ([1, 2, 3] holds 3 of the first, 2 of the second): the longer claim wins it
+    assert assign_rows(held, [[1, 2, 9], [1, 2, 3, 6]]) == [(0, [1, 2, 3, 6]), (1, [1, 2, 9])]
+    assert longest_prefix(held, [1, 2, 7, 0]) == (1, 3) and longest_prefix(held, [4]) == (0, 0)
+
+
 def test_batched_search_finds_the_words_of_one_expansion_at_a_time(int4, monkeypatch):
     """Expanding the WIDTH best entries per step emits the same words in the same order as plain
     best-first (one entry per step), given the steps; and a session without feed_rows (llama.cpp's
