@@ -142,15 +142,16 @@ the direct call's 25.4 in the same run, where the earlier run's was 1.17x). The 
 batched end-of-word checks ("Decoding against llama.cpp"), reads words p50 11.1 / p95 19.4 ms
 (direct 14.8) and keystrokes p50 15.5 / p95 41.8 at load 1.2; peak RSS 367.5 MB.""",
     "bench_decode": """\
-Against issue 17's goals (2026-11-29, the table above, idle VM, medians of 3): idle, onnx-int4
-decodes 188.9 / 132.7 tok/s at 128 / 1,024 tokens of context (goal >= 120 at 1,024: met), 1.41x /
-1.24x llama.cpp on the shipped Q4_1 file and 0.87x / 0.90x on our gguf-q4_0 export (goal 1.3x: not
-met); suggestions p50 8.3 ms, p95 14.0 ms (goal p95 <= 20 ms: met; llama.cpp on our export, running
-the same search with its branches batched the same way, 22.2 ms). With one core busy the runtime
-takes one thread: 125.7 / 89.6 tok/s, 0.65x / 0.75x llama.cpp's single thread on our export, 0.91x /
-0.82x on the Q4_1 file (goal 1.0x: not met); suggestions p95 21.1 ms. An earlier run of the same
-hour, with llama.cpp's branches run one after another, read 165.5 / 124.3 tok/s and p95 15.5 ms
-idle (0.83x / 0.89x our export), 131.5 / 95.3 and 19.2 ms loaded.
+Against issue 17's goals (2026-11-29, the table above, idle VM right after a loaded test run,
+medians of 3): idle, onnx-int4 decodes 168.4 / 121.8 tok/s at 128 / 1,024 tokens of context (goal
+>= 120 at 1,024: met), 1.06x / 1.02x llama.cpp on the shipped Q4_1 file and 0.83x / 0.87x on our
+gguf-q4_0 export (goal 1.3x: not met); suggestions p50 8.7 ms, p95 15.3 ms (goal p95 <= 20 ms:
+met; llama.cpp on our export, running the same search with its branches batched the same way,
+27.7 ms). With one core busy the runtime takes one thread: 128.1 / 91.1 tok/s, 0.63x / 0.77x
+llama.cpp's single thread on our export, 0.96x / 0.97x on the Q4_1 file (goal 1.0x: not met);
+suggestions p95 20.1 ms. Two earlier runs the same hour read 188.9 / 132.7 tok/s and p95 14.0 ms
+idle (0.87x / 0.90x our export; llama.cpp's batched suggest p95 22.2 ms), and, with llama.cpp's
+branches run one after another, 165.5 / 124.3 tok/s and p95 15.5 ms (0.83x / 0.89x).
 
 Suggestions (2026-11-29): a suggestion after a new word used to cost 4 decode steps of ~5.5 ms (the
 context token, then the end-of-word check of each of the 3 words shown, one after another, since
@@ -169,7 +170,8 @@ process, idle, 2 spinning threads, TYPED_TEXT twice): suggest p50 16.6-19.0 -> 7
 the same kernels). The three rows' cache costs 24 MB more than one (peak RSS 279 -> 294 MB). The
 llama.cpp rows run the same search with the same batching, through llama.cpp's C API (three
 sequence ids in one unified KV cache, prefixes shared with `llama_memory_seq_cp`, the branches in
-one `llama_decode`; bench_decode's `_LlamaSession`): its suggest p95 went from 23.7 to 22.2 ms.
+one `llama_decode`; bench_decode's `_LlamaSession`, on the rows `runtime.model.assign_rows` picks for
+ours): its suggest p95 went from 23.7 to 22.2 ms in runs of the same hour.
 llama.cpp's batched path rounds differently from its one-token path (logits up to 0.63 apart on a
 test sequence), so 2 of the 34 suggestions on TYPED_TEXT swap two close words against its
 one-at-a-time search. Its context now runs batches on its own thread count too
@@ -178,7 +180,7 @@ suggest p95 to 190 ms in a first run).
 
 Decoding per token is where the gap stays, and it is per core: at 1 thread ORT's MatMulNBits runs
 ~5 ms of a ~7 ms step (the Q8 lm_head alone 1.5 ms), where llama.cpp's whole step is ~5 ms (with one
-core busy, 194.8 tok/s against our 125.7); memory bandwidth is not the limit (~15 GB/s used of the
+core busy, 187-211 tok/s against our 126-132 in the day's runs); memory bandwidth is not the limit (~15 GB/s used of the
 38 one core streams). An ORT profile of a decode step at 1 thread (2026-11-29, 100 steps at 128
 tokens of context, per step with profiling on): MatMulNBits 7.1 ms over 151 nodes,
 GroupQueryAttention 1.3 ms over 30, the block-sum / LoRA-A MatMuls 0.75 ms over 120,
